@@ -42,6 +42,27 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"labkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """labkit: labs and benchmarks for LLM streaming and conversation state.
+
+    Offline by default (a real small model behind labkit's local API); set
+    LABKIT_PROVIDER=anthropic or openai (and the key) to use a real API.
+    """
+
+
 # ── labs ──────────────────────────────────────────────────────────────────────
 
 

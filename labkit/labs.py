@@ -1,0 +1,86 @@
+"""Run the lab notebooks top to bottom, as `make labs` does.
+
+Notes:
+
+1. Each notebook runs in a fresh kernel with ``notebooks/`` as its working
+   directory, in file-name order, and stops the run at the first failing cell
+   (the error and the cell are printed; the notebook on disk is left as it was).
+2. Outputs are saved in place; notebook and cell metadata that change from run to
+   run (timings, widget state, kernel details) are stripped so diffs show content.
+3. After the notebooks, ``results/SUMMARY.md`` is regenerated from each lab's
+   headline table (see :mod:`labkit.results`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .errors import LabkitError
+from .results import gather_summary, results_dir
+
+__all__ = ["find_notebooks", "run_labs", "run_notebook", "strip_metadata"]
+
+_KEEP_CELL_METADATA = {"tags"}
+
+
+def find_notebooks(root: Path | None = None) -> list[Path]:
+    """The lab notebooks in order: ``notebooks/NN_*.ipynb``."""
+    root = root or results_dir().parent
+    return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def strip_metadata(nb: dict | object) -> None:
+    """Remove run-specific metadata in place (cell timings, widget state, kernel info)."""
+    nb.metadata = {"language_info": {"name": "python"}}  # type: ignore[attr-defined]
+    for cell in nb.cells:  # type: ignore[attr-defined]
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k in _KEEP_CELL_METADATA}
+        if cell.get("cell_type") == "code":
+            for output in cell.get("outputs", []):
+                if "metadata" in output:
+                    output["metadata"] = {}
+
+
+def run_notebook(path: Path, *, timeout: int = 1800) -> float:
+    """Execute one notebook in place; return the seconds it took."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        raise LabkitError(
+            f"{path.name} failed:\n{exc}",
+            hint=f"Open {path} in Jupyter and run it to see the failing cell in context.",
+        ) from None
+    strip_metadata(nb)
+    nbformat.write(nb, path)
+    return time.perf_counter() - start
+
+
+def run_labs(notebooks: list[str] | None = None, *, quick: bool = False) -> Path:
+    """Run notebooks (default: all) and regenerate ``results/SUMMARY.md``; return its path."""
+    from rich.console import Console
+
+    console = Console()
+    if quick:
+        os.environ["LABKIT_QUICK"] = "1"
+    paths = [Path(p) for p in notebooks] if notebooks else find_notebooks()
+    if not paths:
+        raise LabkitError("No notebooks found.", hint="Run `make labs` from the labkit checkout.")
+    for i, path in enumerate(paths, 1):
+        if not path.exists():
+            raise LabkitError(f"No notebook at {path}.", hint="Pass paths like notebooks/01_streaming_ttft.ipynb.")
+        with console.status(f"[{i}/{len(paths)}] running {path.name}…"):
+            seconds = run_notebook(path)
+        console.print(f"[green]✓[/] [{i}/{len(paths)}] {path.name} ({seconds:.0f} s)")
+    summary = gather_summary()
+    console.print(f"Results in {summary.parent}/ — summary: {summary}")
+    return summary

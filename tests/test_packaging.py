@@ -1,0 +1,51 @@
+"""The package, its dependency lists and the two commands stay consistent."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {r.strip() for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = {r.strip() for r in pip_section if not r.startswith("-e")}
+    assert listed == wanted, f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+
+
+def test_readme_quick_start_shows_the_two_commands_first():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```", 2)[1]
+    assert "make labs" in first_block and "make test" in first_block
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_cli_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("labs",):
+        assert command in out
+
+
+def test_public_api_names_exist():
+    import labkit
+
+    missing = [name for name in labkit.__all__ if not hasattr(labkit, name)]
+    assert missing == []
