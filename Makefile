@@ -35,7 +35,7 @@ labs: $(STAMP)  ## run every notebook top to bottom on the offline default; writ
 
 test: $(STAMP)  ## run the whole test suite, notebooks included (nbval)
 	$(VENV)/bin/ruff check labkit tests benchmarks
-	LABKIT_QUICK=1 $(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
+	LABKIT_QUICK=1 $(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
 
 test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser, no notebooks
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not slow and not llama and not browser" tests
