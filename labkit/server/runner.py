@@ -1,0 +1,206 @@
+"""Running the chat API: in this process (``serve``) or as a child process (``ChatServer``).
+
+Notes:
+
+1. ``serve`` binds the listening socket itself, then prints one line
+   ``labkit serve: listening on http://HOST:PORT`` and hands the socket to uvicorn.
+   With ``port=0`` the OS picks a free port and the line says which: that is how
+   :class:`ChatServer` (tests, notebook 04, the benchmark) learns it without racing.
+2. :class:`ChatServer` runs ``python -m labkit.cli serve ...``: the exact command a
+   user types, so tests exercise the CLI path too. ``restart()`` stops the process
+   and starts a new one on the same port, which is what "the server restarted" means
+   to a client (and to the browser's ``localStorage``, which is per origin).
+3. The child's stderr goes to a file (``.log_path``) so tests can assert that no
+   traceback was logged; the child is killed when the parent exits (``PR_SET_PDEATHSIG``
+   on Linux, plus ``atexit``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .app import Settings, create_app
+
+__all__ = ["ChatServer", "serve"]
+
+READY_PREFIX = "labkit serve: listening on "
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Run the chat API in this process until interrupted."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    actual = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings),
+        access_log=access_log,
+        log_level=log_level,
+        backlog=2048,
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    print(f"{READY_PREFIX}http://{host}:{actual}", flush=True)
+    server.run(sockets=[sock])
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ChatServer:
+    """``labkit serve`` in a child process. Use as a context manager.
+
+    ``ChatServer(store_url=..., base_url=..., provider=..., **settings)``; attributes
+    ``.url``, ``.port``, ``.log_path``; methods ``start()``, ``stop()``, ``restart()``,
+    ``log_text()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        access_log: bool = False,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        **settings: Any,
+    ) -> None:
+        Settings(**settings)  # fail early on a wrong name
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self.access_log = access_log
+        self.env = env
+        self.startup_timeout = startup_timeout
+        self.url = ""
+        self.proc: subprocess.Popen[str] | None = None
+        fd, name = tempfile.mkstemp(prefix="labkit-serve-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "labkit.cli", "serve", "--host", self.host]
+        cmd += ["--port", str(self.port)]
+        flags = {
+            "store_url": "--store",
+            "store_ttl": "--ttl",
+            "provider": "--provider",
+            "base_url": "--base-url",
+            "model": "--model",
+            "engine": "--engine",
+            "context_budget": "--context-budget",
+            "keep_turns": "--keep-turns",
+            "max_message_chars": "--max-message-chars",
+            "max_tokens": "--max-tokens",
+            "temperature": "--temperature",
+            "max_retries": "--max-retries",
+            "ping_seconds": "--ping-seconds",
+        }
+        for key, value in self.settings.items():
+            if value is None:
+                continue
+            if key not in flags:
+                raise TypeError(f"ChatServer cannot pass {key!r} to `labkit serve`")
+            cmd += [flags[key], str(value)]
+        if not self.access_log:
+            cmd.append("--no-access-log")
+        return cmd
+
+    def start(self) -> ChatServer:
+        env = {**os.environ, **(self.env or {})}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+        )
+        log.close()
+        atexit.register(self.stop)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.startup_timeout
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(READY_PREFIX):
+                self.url = line[len(READY_PREFIX) :].strip()
+                self.port = int(self.url.rsplit(":", 1)[1])
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError(f"labkit serve did not start:\n{self.log_text()[-3000:]}")
+        self._wait_healthy(deadline)
+        return self
+
+    def _wait_healthy(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"labkit serve exited:\n{self.log_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"labkit serve not healthy in time:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        atexit.unregister(self.stop)
+
+    def restart(self) -> ChatServer:
+        """Stop, then start again on the same port."""
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

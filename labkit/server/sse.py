@@ -1,0 +1,119 @@
+"""The SSE layer of the chat API: event encoding and the streaming response.
+
+The chat API speaks the course's wire format: one JSON object per ``data:`` line,
+read by the course's browser snippet (``line.startsWith('data: ')``) and its httpx
+consumer (``response.aiter_lines()``). This module is the only place that knows how
+an event becomes bytes.
+
+Notes:
+
+1. The response class is ``sse_starlette.EventSourceResponse``, chosen by
+   measurement (``../shared/facts.md``): FastAPI's native ``EventSourceResponse``
+   spent about 3.5x more CPU per event on these 2 cores; sse-starlette costs close
+   to a plain ``StreamingResponse`` and adds what a plain response lacks: keep-alive
+   pings, a send timeout, and a task that watches for ``http.disconnect`` and
+   cancels the event generator at once (so the upstream stream is closed promptly).
+2. Events are encoded here, to bytes, by :func:`encode_event`, and handed to
+   sse-starlette as bytes, which it passes through untouched. ``json.dumps`` never
+   emits a raw newline (it escapes them inside strings), so one ``data:`` line per
+   event is always valid SSE, and the per-event cost is one ``json.dumps``.
+3. Lines end with ``\\n`` (sse-starlette's default is ``\\r\\n``). Both are valid SSE,
+   but the course's browser snippet splits on ``\\n`` and would leave a ``\\r`` at the
+   end of each line; ``\\n`` keeps every client in the course byte-for-byte happy.
+4. Pings are SSE comments (``: ping``), which every SSE reader ignores. They keep
+   proxies and load balancers from closing an idle connection while the model is
+   thinking (a long prompt on the local model can take seconds before the first
+   token).
+5. Headers: ``Cache-Control: no-cache`` (the course's value; sse-starlette would
+   send ``no-store``), ``X-Accel-Buffering: no`` (nginx must not buffer), and
+   ``X-Session-Id`` when the route sets it.
+6. Clean-up that must happen once per response (the chat API releases its session
+   lock there) belongs to the response, not to the event generator: a generator that
+   never started (the client left before the first event) never runs ``finally``.
+   :class:`ChatEventResponse` runs ``on_close`` after the response ends, always.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+__all__ = [
+    "DEFAULT_PING_SECONDS",
+    "SSE_HEADERS",
+    "ChatEventResponse",
+    "encode_event",
+    "event_response",
+    "parse_data_line",
+]
+
+#: Seconds between keep-alive comments.
+DEFAULT_PING_SECONDS: float = 15.0
+
+#: Headers every chat stream carries.
+SSE_HEADERS: dict[str, str] = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+_SEP = "\n"
+
+
+def encode_event(payload: Mapping[str, Any]) -> bytes:
+    """One SSE event carrying ``payload`` as a JSON ``data:`` line."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def parse_data_line(line: str) -> dict[str, Any] | None:
+    """The JSON payload of a ``data:`` line, or None for any other line (the inverse
+    of :func:`encode_event`, as the course's clients read it)."""
+    if not line.startswith("data:"):
+        return None
+    return json.loads(line[5:].lstrip(" "))
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep=_SEP)
+
+
+class ChatEventResponse(EventSourceResponse):
+    """sse-starlette's response plus an ``on_close`` coroutine that runs however the
+    response ends: completed, failed, or the client gone (note 6)."""
+
+    def __init__(
+        self, *args: Any, on_close: Callable[[], Awaitable[None]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._on_close is not None:
+                await self._on_close()
+
+
+def event_response(
+    events: AsyncIterator[bytes],
+    *,
+    headers: Mapping[str, str] | None = None,
+    ping_seconds: float = DEFAULT_PING_SECONDS,
+    send_timeout: float | None = 30.0,
+    on_close: Callable[[], Awaitable[None]] | None = None,
+) -> ChatEventResponse:
+    """Stream already-encoded events with pings, disconnect detection and the chat
+    API's headers. ``send_timeout`` drops a client that stops reading; ``on_close``
+    runs when the response ends, whatever the reason."""
+    return ChatEventResponse(
+        events,
+        headers={**SSE_HEADERS, **(headers or {})},
+        ping=ping_seconds,
+        sep=_SEP,
+        ping_message_factory=_ping,
+        send_timeout=send_timeout,
+        on_close=on_close,
+    )
