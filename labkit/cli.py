@@ -90,5 +90,47 @@ def labs(
 # ── serve (labkit.server) ─────────────────────────────────────────────────────
 
 
+@app.command()
+@friendly_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port (0: any free port, printed at start)."),
+    store: str = typer.Option(None, "--store", help="sqlite:///path.db or redis://host:port/db (default $LABKIT_STORE, else sqlite:///conversations.db)."),
+    ttl: int = typer.Option(None, "--ttl", help="Redis session TTL in seconds."),
+    provider: str = typer.Option(None, "--provider", help="local (default), anthropic or openai."),
+    base_url: str = typer.Option(None, "--base-url", help="Any compatible API, e.g. a `labkit local-api --engine sim`."),
+    model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
+    engine: str = typer.Option("llama", "--engine", help="Local API engine when no --base-url: llama or sim."),
+    context_budget: int = typer.Option(50_000, "--context-budget", help="Tokens above which only the last --keep-turns turns are sent."),
+    keep_turns: int = typer.Option(10, "--keep-turns", help="Turns sent when the budget is exceeded."),
+    max_message_chars: int = typer.Option(32_000, "--max-message-chars", help="Longest user message accepted."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="max_tokens of each reply."),
+    temperature: float = typer.Option(None, "--temperature", help="Sampling temperature."),
+    max_retries: int = typer.Option(2, "--max-retries", help="SDK retries before the first byte."),
+    ping_seconds: float = typer.Option(15.0, "--ping-seconds", help="Seconds between SSE keep-alive comments."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
+) -> None:
+    """Run the streaming chat API with persistent sessions (docs at /docs, chat page at /)."""
+    from .server import Settings
+    from .server import serve as run
+
+    settings = Settings(
+        store_url=store,
+        store_ttl=ttl,
+        provider=provider,
+        base_url=base_url,
+        model=model,
+        engine=engine,
+        context_budget=context_budget,
+        keep_turns=keep_turns,
+        max_message_chars=max_message_chars,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        max_retries=max_retries,
+        ping_seconds=ping_seconds,
+    )
+    run(settings, host=host, port=port, access_log=access_log)
+
+
 if __name__ == "__main__":
     app()
