@@ -32,6 +32,51 @@ def redis_url() -> Iterator[str]:
 # (owned by the store area)
 
 
+def _redis_namespaced(base: str, namespace: str, **params: str) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    query = dict(parse_qsl(parts.query), namespace=namespace, **params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture
+def redis_store_url(redis_url: str) -> Iterator[str]:
+    """A redis:// URL with a namespace of its own (keys removed afterwards)."""
+    import uuid
+
+    import redis
+
+    namespace = f"labkit-test-{uuid.uuid4().hex[:12]}:"
+    yield _redis_namespaced(redis_url, namespace)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    keys = list(client.scan_iter(match=namespace + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def sqlite_store_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/sessions.db"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The URL of an empty store, once per backend (SQLite file, Redis namespace)."""
+    return request.getfixturevalue(f"{request.param}_store_url")
+
+
+@pytest.fixture
+def store(store_url: str):
+    """An open, empty SessionStore, once per backend."""
+    from labkit.store import open_store
+
+    st = open_store(store_url)
+    yield st
+    st.close()
+
+
 # ── timing fixtures (labkit.timing) ───────────────────────────────────────────
 # (owned by the timing area)
 
@@ -42,3 +87,46 @@ def redis_url() -> Iterator[str]:
 
 # ── chat server fixtures (labkit.server) ──────────────────────────────────────
 # (owned by the server area)
+
+
+@pytest.fixture
+def make_sim():
+    """Start sim-engine local APIs (``make_sim(itl_ms=50, fail_after=3, ...)``); all
+    are stopped at teardown. Returns the started ``LocalAPIServer``."""
+    from labkit.localapi import LocalAPIServer
+
+    started = []
+
+    def make(**opts):
+        opts = {"ttft_ms": 5, "itl_ms": 1, "reply_tokens": 12, "seed": 7, **opts}
+        api = LocalAPIServer(engine="sim", **opts)
+        api.start()
+        started.append(api)
+        return api
+
+    yield make
+    for api in started:
+        api.stop()
+
+
+@pytest.fixture
+def make_chat(tmp_path):
+    """Start ``labkit serve`` processes against an upstream (``make_chat(api, ...)``);
+    the store defaults to a fresh SQLite file in tmp_path. All stopped at teardown."""
+    from labkit.server import ChatServer
+
+    started = []
+
+    def make(api, **settings):
+        settings.setdefault("store_url", f"sqlite:///{tmp_path}/chat.db")
+        settings.setdefault("provider", "local")
+        settings.setdefault("base_url", api.base_url)
+        settings.setdefault("max_retries", 0)
+        server = ChatServer(**settings)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
