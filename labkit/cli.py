@@ -86,6 +86,51 @@ def labs(
 
 # ── sessions and chat (labkit.store) ──────────────────────────────────────────
 
+sessions_app = typer.Typer(
+    help="List, show and delete stored chat sessions (SQLite by default, Redis by URL).",
+    no_args_is_help=True,
+)
+app.add_typer(sessions_app, name="sessions")
+_STORE_HELP = "Store URL: sqlite:///path.db or redis://host:port/db (default: $LABKIT_STORE, else sqlite:///conversations.db)."
+
+
+@sessions_app.command("list")
+@friendly_errors
+def sessions_list(
+    store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List sessions, most recently updated first."""
+    from .store.cli import print_session_list
+
+    print_session_list(store, as_json=as_json)
+
+
+@sessions_app.command("show")
+@friendly_errors
+def sessions_show(
+    session_id: str = typer.Argument(..., help="The session id (32 hex characters)."),
+    store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (info, summary, turns)."),
+) -> None:
+    """Show one session: its stats, summary and every turn."""
+    from .store.cli import print_session
+
+    print_session(store, session_id, as_json=as_json)
+
+
+@sessions_app.command("delete")
+@friendly_errors
+def sessions_delete(
+    session_id: str = typer.Argument(..., help="The session id (32 hex characters)."),
+    store: str = typer.Option(None, "--store", help=_STORE_HELP),
+) -> None:
+    """Delete a session with its turns and summary."""
+    from .store.cli import delete_session
+
+    delete_session(store, session_id)
+
+
 
 # ── serve (labkit.server) ─────────────────────────────────────────────────────
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -339,6 +339,51 @@ class RedisStore(SessionStore):
         if n == -1:
             raise SessionNotFoundError(session_id)
         return int(n)
+
+    def bulk_append(
+        self, turns: Iterable[tuple[str, str, str, int, int]], *, batch: int = 500
+    ) -> int:
+        """Append many ``(session_id, user, assistant, input_tokens, output_tokens)`` turns.
+
+        Each turn goes through the same atomic script as :meth:`append_turn`; the
+        scripts are pipelined ``batch`` at a time (for seeding and benchmarks). Turns
+        of unknown sessions are skipped. Returns how many turns were stored.
+        """
+        stored = 0
+        pipe = self.redis.pipeline(transaction=False)
+        queued = 0
+
+        def flush() -> int:
+            return sum(1 for r in self._call(pipe.execute) if isinstance(r, int) and r > 0)
+
+        for sid, user, assistant, in_tok, out_tok in turns:
+            validate_session_id(sid)
+            check_turn_args(user, assistant, in_tok, out_tok)
+            now = time.time()
+            payload = json.dumps(
+                {"user": user, "assistant": assistant, "in": in_tok, "out": out_tok, "t": now},
+                ensure_ascii=False,
+            )
+            self._append(
+                keys=[self._meta_key(sid), self._turns_key(sid), self._index],
+                args=[
+                    payload,
+                    repr(now),
+                    in_tok,
+                    out_tok,
+                    self._ttl_ms(),
+                    self._deadline(now),
+                    sid,
+                ],
+                client=pipe,
+            )
+            queued += 1
+            if queued == batch:
+                stored += flush()
+                queued = 0
+        if queued:
+            stored += flush()
+        return stored
 
     def _load_raw(self, session_id: str, last_n: int) -> tuple[int, list[str]]:
         def run() -> list[Any]:
