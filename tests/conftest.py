@@ -28,6 +28,24 @@ def redis_url() -> Iterator[str]:
 # (owned by the local API area)
 
 
+@pytest.fixture(scope="session")
+def sim_api() -> Iterator[object]:
+    """A LocalAPIServer on the sim engine with zero latency (override per request with x-labkit-sim)."""
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer("sim", ttft_ms=0, itl_ms=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def llama_api() -> Iterator[object]:
+    """A LocalAPIServer on the real SmolLM2 model (prefix caching on)."""
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer("llama") as server:
+        yield server
+
+
 # ── store fixtures (labkit.store) ─────────────────────────────────────────────
 # (owned by the store area)
 
@@ -79,6 +97,16 @@ def store(store_url: str):
 
 # ── timing fixtures (labkit.timing) ───────────────────────────────────────────
 # (owned by the timing area)
+
+
+@pytest.fixture(scope="session")
+def timing_sim_server() -> Iterator[object]:
+    """One sim-engine local API for the timing tests (zero latency by default; each test
+    sets its ground truth per request with the ``x-labkit-sim`` header)."""
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer(engine="sim", ttft_ms=0, itl_ms=0, reply_tokens=20, seed=1) as server:
+        yield server
 
 
 # ── history fixtures (labkit.history) ─────────────────────────────────────────
