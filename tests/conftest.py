@@ -113,6 +113,14 @@ def timing_sim_server() -> Iterator[object]:
 # (owned by the history area)
 
 
+@pytest.fixture
+def sim_clients(sim_api: object) -> object:
+    """labkit Clients for the sim-engine local API (a fresh object: tests may add headers)."""
+    from labkit.providers import client
+
+    return client("local", base_url=sim_api.base_url, engine="sim")  # type: ignore[attr-defined]
+
+
 # ── chat server fixtures (labkit.server) ──────────────────────────────────────
 # (owned by the server area)
 

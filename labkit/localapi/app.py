@@ -1,0 +1,352 @@
+"""The local API: one FastAPI app speaking the Anthropic and OpenAI wire formats.
+
+Notes on deliberate choices:
+
+1. SSE goes through ``sse-starlette``'s ``EventSourceResponse`` fed with frames
+   already formatted as bytes (its cheapest path). It gives keep-alive pings
+   (Anthropic ``event: ping`` frames / OpenAI ``: ping`` comments every 15 s, for
+   long prompt evaluations), disconnect detection, and ``aclose()`` of the body on
+   disconnect, at close to the cost of a plain ``StreamingResponse`` (see
+   ``../shared/facts.md``: 10,200 vs 12,700 events/s at 300 streams); FastAPI's own
+   ``EventSourceResponse`` costs ~3.5× more CPU per event and is not used.
+2. Request bodies are parsed by hand (``json.loads`` + the wire modules), not by
+   FastAPI's pydantic models, so that every rejection carries the API's own error
+   body and status instead of FastAPI's 422.
+3. The engine's first event (``Started``) is awaited *before* the response starts,
+   so a failure before any byte (a queue error, ``fail_before``) becomes a real HTTP
+   status the SDKs map to their exception classes; later failures become an SSE
+   ``error`` event (Anthropic) or an ``{"error": …}`` data line (OpenAI).
+4. An injected ``disconnect`` raises :class:`DropConnection` inside the response
+   body after the headers, so uvicorn closes the socket mid-body; a log filter keeps
+   that expected event out of the server log.
+5. ``t0`` (request arrival) is stamped by the outermost ASGI middleware; the sim
+   engine's deadlines and the TTFT metric start there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import anthropic_wire, openai_wire
+from .engines import (
+    CONTEXT_WINDOW,
+    MODEL_ID,
+    DropConnection,
+    Engine,
+    EngineError,
+    Event,
+    GenerationRequest,
+    Started,
+    parse_sim_header,
+)
+from .metrics import Metrics
+
+__all__ = ["MAX_BODY_BYTES", "accepts_model", "create_app"]
+
+#: Largest request body accepted (the Messages API's limit); larger gets 413.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+_PING_SECONDS = 15.0
+
+#: Model id prefixes answered by the local model too, so that a client configured
+#: for a paid provider (LABKIT_PROVIDER=anthropic + ANTHROPIC_BASE_URL) works here.
+_ALIAS_PREFIXES = ("claude-", "gpt-", "chatgpt-", "o1", "o3", "o4")
+
+
+def accepts_model(model: str) -> bool:
+    """Whether the local API serves ``model`` (its own id, ``sim``, or a paid model's alias)."""
+    return model in (MODEL_ID, "sim") or model.startswith(_ALIAS_PREFIXES)
+
+
+class _DropFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, DropConnection):
+                return False
+            if isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0] if exc.exceptions else None
+            else:
+                exc = exc.__cause__ or exc.__context__
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(_DropFilter())
+
+
+class _Stamp:
+    """Outermost ASGI middleware: stamp arrival time, count requests by status."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope["labkit.t0"] = time.perf_counter()
+        path = scope.get("path", "")
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests[(path, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _drop_response() -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        raise DropConnection()
+        yield b""  # pragma: no cover - makes this an async generator
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
+    """The ASGI app serving ``engine``."""
+    metrics = metrics or getattr(engine, "metrics", None) or Metrics()
+    api = FastAPI(
+        title="labkit local API",
+        description="Anthropic Messages and OpenAI Chat Completions wire formats over a local engine.",
+        version="1",
+    )
+
+    def is_openai(request: Request) -> bool:
+        return request.url.path.startswith("/v1/chat")
+
+    def error_response(request: Request, error_type: str, message: str, status: int | None = None) -> Response:
+        from .engines import ERROR_STATUS
+
+        status = status or ERROR_STATUS.get(error_type, 500)
+        if is_openai(request):
+            code = "context_length_exceeded" if "context" in message and status == 400 else None
+            body = openai_wire.error_body(error_type, message, code=code)
+        else:
+            body = anthropic_wire.error_body(error_type, message)
+        headers = {"retry-after": "1"} if status in (429, 529) else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @api.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> Response:
+        return error_response(request, exc.error_type, exc.message)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "api_error")
+        return error_response(request, kind, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise EngineError("request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes.")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise EngineError("request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes.")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise EngineError("invalid_request_error", f"The request body is not valid JSON: {exc}") from None
+
+    def request_options(request: Request) -> dict[str, Any]:
+        sim = parse_sim_header(request.headers.get("x-labkit-sim")) if engine.name == "sim" else {}
+        cache = request.headers.get("x-labkit-cache", "on").strip().lower() not in ("off", "0", "false", "no")
+        return {"sim": sim, "cache": cache, "t0": request.scope.get("labkit.t0", time.perf_counter())}
+
+    def check_model(model: str) -> None:
+        if not accepts_model(model):
+            raise EngineError(
+                "not_found_error",
+                f"model: {model} (the local API serves {MODEL_ID!r}; see GET /v1/models)",
+            )
+
+    def check_context(req: GenerationRequest, *, max_tokens_given: bool = True) -> int:
+        n = engine.count_tokens(req)
+        if n > engine.context_window:
+            raise EngineError("invalid_request_error", f"prompt is too long: {n} tokens > {engine.context_window} maximum")
+        if max_tokens_given and n + req.max_tokens > engine.context_window:
+            raise EngineError(
+                "invalid_request_error",
+                f"input length and `max_tokens` exceed context limit: {n} + {req.max_tokens} > "
+                f"{engine.context_window}, decrease input length or `max_tokens` and try again",
+            )
+        if not max_tokens_given:
+            req.max_tokens = max(1, engine.context_window - n)
+        return n
+
+    async def start(req: GenerationRequest) -> tuple[Started, AsyncIterator[Event]]:
+        events = engine.stream(req).__aiter__()
+        try:
+            started = await events.__anext__()
+        except BaseException:
+            await events.aclose()
+            raise
+        assert isinstance(started, Started)
+        metrics.prompt_tokens += started.input_tokens
+        metrics.cached_prompt_tokens += started.cached_tokens
+        return started, events
+
+    def first_token_observer(t0: float) -> Callable[[], None]:
+        return lambda: metrics.observe_ttft(time.perf_counter() - t0)
+
+    def sse(
+        frames: AsyncIterator[bytes],
+        events: AsyncIterator[Event],
+        on_error: Callable[[EngineError], bytes],
+        ping: Callable[[], ServerSentEvent],
+    ) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            metrics.active_streams += 1
+            done = False
+            try:
+                async for chunk in frames:
+                    yield chunk
+                done = True
+                metrics.streams_completed += 1
+            except EngineError as exc:
+                done = True
+                metrics.streams_failed += 1
+                yield on_error(exc)
+            except DropConnection:
+                done = True
+                metrics.streams_failed += 1
+                raise
+            finally:
+                metrics.active_streams -= 1
+                if not done:
+                    metrics.streams_cancelled += 1
+                with anyio.CancelScope(shield=True):
+                    await events.aclose()
+
+        return EventSourceResponse(
+            body(),
+            ping=_PING_SECONDS,
+            ping_message_factory=ping,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def non_stream(
+        events: AsyncIterator[Event], collect: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        try:
+            return JSONResponse(await collect())
+        except DropConnection:
+            return _drop_response()
+        finally:
+            await events.aclose()
+
+    # ── routes ───────────────────────────────────────────────────────────────
+
+    @api.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "engine": engine.name, "model": MODEL_ID, "context_window": engine.context_window}
+
+    @api.get("/metrics")
+    async def get_metrics() -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = datetime(2024, 11, 1, tzinfo=UTC)
+        entry = {
+            "id": MODEL_ID,
+            "type": "model",
+            "object": "model",
+            "display_name": f"SmolLM2-135M-Instruct Q4_1 ({engine.name} engine)",
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+            "created": int(created.timestamp()),
+            "owned_by": "labkit",
+            "context_window": CONTEXT_WINDOW,
+        }
+        return {"object": "list", "data": [entry], "has_more": False, "first_id": MODEL_ID, "last_id": MODEL_ID}
+
+    @api.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        body = await read_json(request)
+        model, req = anthropic_wire.parse_messages_request(body, **request_options(request))
+        check_model(model)
+        check_context(req)
+        try:
+            started, events = await start(req)
+        except DropConnection:
+            return _drop_response()
+        on_first = first_token_observer(req.t0)
+        if body.get("stream"):
+            return sse(
+                anthropic_wire.stream_frames(started, events, model=model, on_first=on_first),
+                events,
+                lambda exc: anthropic_wire.frame("error", anthropic_wire.error_body(exc.error_type, exc.message)),
+                lambda: ServerSentEvent(event="ping", data='{"type": "ping"}'),
+            )
+        return await non_stream(
+            events, lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first)
+        )
+
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise EngineError("invalid_request_error", "The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise EngineError("invalid_request_error", "model: Field required")
+        check_model(model)
+        system, msgs, prefill = anthropic_wire.parse_messages(body)
+        req = GenerationRequest(system=system, messages=msgs, max_tokens=1, prefill=prefill)
+        return JSONResponse({"input_tokens": engine.count_tokens(req)})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_json(request)
+        model, req, include_usage = openai_wire.parse_chat_request(body, **request_options(request))
+        check_model(model)
+        given = body.get("max_completion_tokens", body.get("max_tokens")) is not None
+        check_context(req, max_tokens_given=given)
+        try:
+            started, events = await start(req)
+        except DropConnection:
+            return _drop_response()
+        on_first = first_token_observer(req.t0)
+        if body.get("stream"):
+            return sse(
+                openai_wire.stream_chunks(started, events, model=model, include_usage=include_usage, on_first=on_first),
+                events,
+                lambda exc: b"data: " + json.dumps(openai_wire.error_body(exc.error_type, exc.message)).encode() + b"\n\n",
+                lambda: ServerSentEvent(comment="ping"),
+            )
+        return await non_stream(
+            events, lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first)
+        )
+
+    @api.post("/v1/labkit/score")
+    async def score(request: Request) -> Response:
+        body = await read_json(request)
+        scorer = getattr(engine, "score", None)
+        if scorer is None:
+            raise EngineError(
+                "invalid_request_error",
+                f"/v1/labkit/score needs the llama engine (this server runs {engine.name!r}).",
+            )
+        if not isinstance(body, dict):
+            raise EngineError("invalid_request_error", "The request body must be a JSON object.")
+        candidates = body.get("candidates")
+        if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) and c for c in candidates):
+            raise EngineError("invalid_request_error", "candidates: a non-empty list of non-empty strings is required")
+        system, msgs, prefill = anthropic_wire.parse_messages(body)
+        if not isinstance(body.get("system") or "", str):
+            raise EngineError("invalid_request_error", "system: must be a string or null")
+        scores, counts = await scorer(system, msgs, prefill, candidates)
+        return JSONResponse({"scores": scores, "tokens": counts})
+
+    return _Stamp(api, metrics)
