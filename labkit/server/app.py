@@ -257,11 +257,25 @@ _UPSTREAM_TYPES = {
 }
 
 
+def _sdk_httpx() -> Any:
+    """The httpx flavour the SDKs are built on (``httpx2`` in recent releases)."""
+    try:
+        import httpx2
+
+        return httpx2
+    except ImportError:  # pragma: no cover - older SDKs
+        import httpx
+
+        return httpx
+
+
 def classify_upstream(exc: BaseException) -> UpstreamFailure:
     """Map an SDK or transport exception to an :class:`UpstreamFailure`."""
     import anthropic
     import httpx
     import openai
+
+    hx = _sdk_httpx()
 
     kind = None
     status = getattr(exc, "status_code", None)
@@ -290,13 +304,13 @@ def classify_upstream(exc: BaseException) -> UpstreamFailure:
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             msg = body["error"].get("message") or msg
         return UpstreamFailure(name, f"Upstream {kind}: {msg}", http, hint)
-    if isinstance(exc, anthropic.APITimeoutError | openai.APITimeoutError | httpx.TimeoutException):
+    timeouts = (anthropic.APITimeoutError, openai.APITimeoutError, httpx.TimeoutException)
+    if isinstance(exc, (*timeouts, hx.TimeoutException)):
         return UpstreamFailure(
             "timeout", "The model API did not answer in time.", 504, "Resend the message."
         )
-    if isinstance(
-        exc, anthropic.APIConnectionError | openai.APIConnectionError | httpx.TransportError
-    ):
+    transport = (anthropic.APIConnectionError, openai.APIConnectionError, httpx.TransportError)
+    if isinstance(exc, (*transport, hx.TransportError)):
         return UpstreamFailure(
             "connection_error",
             f"The connection to the model API failed: {exc}",
@@ -313,7 +327,7 @@ def _upstream_errors() -> tuple[type[BaseException], ...]:
     import httpx
     import openai
 
-    return (anthropic.APIError, openai.APIError, httpx.HTTPError)
+    return (anthropic.APIError, openai.APIError, httpx.HTTPError, _sdk_httpx().HTTPError)
 
 
 # ── upstream ──────────────────────────────────────────────────────────────────
@@ -404,8 +418,7 @@ class Upstream:
 
     def _client(self) -> Any:
         if self._sdk is None:
-            import httpx
-
+            httpx = _sdk_httpx()
             s = self.settings
             limits = httpx.Limits(
                 max_connections=s.max_upstream_connections,
@@ -487,6 +500,8 @@ class PreparedTurn:
     context: dict[str, Any]
     #: Releases the store's turn lock.
     release: Callable[[], None]
+    #: Set once the lock has been released (release is idempotent per turn).
+    released: bool = False
 
 
 class ChatService:
@@ -633,8 +648,9 @@ class ChatService:
 
     async def finish(self, turn: PreparedTurn) -> None:
         """Release the turn lock (idempotent); safe under cancellation."""
-        if turn.session_id not in self._busy:
+        if turn.released:
             return
+        turn.released = True
         self._busy.discard(turn.session_id)
         fut = asyncio.get_running_loop().run_in_executor(self._pool, _quiet(turn.release))
         # Shielded: a cancelled request must still release its lock.
@@ -686,6 +702,16 @@ class ChatService:
         except LabkitError as exc:
             e = _translate(exc)
             yield {"error": e.error, "message": e.message, "hint": e.hint}
+        except Exception as exc:  # a bug, not a fault: log it, still end the stream cleanly
+            log.exception("turn failed on session %s", sid)
+            yield {
+                "error": "internal_error",
+                "message": f"{type(exc).__name__}: {exc}",
+                "hint": "Resend the message; if it keeps failing, check the server log.",
+            }
+        # Release before the done event: a client may send its next message the
+        # moment it reads "done" (the response's on_close is only the safety net).
+        await self.finish(turn)
         done: dict[str, Any] = {
             "done": True,
             "usage": usage,

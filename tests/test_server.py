@@ -1,0 +1,301 @@
+"""The chat API (labkit serve) end to end: real server processes, a real store, the
+sim engine as upstream. Includes the course's "Test it" list."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from labkit.server.client import ChatAPIError, ChatClient
+
+# ── the wire format ──────────────────────────────────────────────────────────
+
+
+def test_new_session_streams_session_id_text_then_done(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        turn = c.stream("new", "Hello there")
+    first, *middle, last = turn.events
+    assert set(first) == {"session_id"} and len(first["session_id"]) == 32
+    assert turn.headers["x-session-id"] == first["session_id"]
+    assert middle and all(set(e) == {"text"} for e in middle)
+    assert last["done"] is True and last["session_id"] == first["session_id"]
+    assert last["usage"]["input"] > 0 and last["usage"]["output"] == 12
+    assert last["stored"] is True and last["turn_count"] == 1
+    assert last["context"]["applied"] is False
+    assert turn.headers["content-type"].startswith("text/event-stream")
+    assert turn.headers["cache-control"] == "no-cache"
+    assert turn.headers["x-accel-buffering"] == "no"
+
+
+def test_course_httpx_consumer_reads_the_stream(make_sim, make_chat):
+    """The course's consumer, verbatim but for the URL, prints the streamed reply."""
+    server = make_chat(make_sim())
+    printed: list[str] = []
+
+    async def consume_stream(message: str):
+        async with httpx.AsyncClient(timeout=60) as http, http.stream(
+            "POST", f"{server.url}/chat/stream/new", json={"message": message}
+        ) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = json.loads(line[6:])
+                if data.get("text"):
+                    printed.append(data["text"])
+
+    import asyncio
+
+    asyncio.run(consume_stream("Hi"))
+    assert len(printed) == 12 and "".join(printed).strip()
+
+
+def test_stored_reply_equals_streamed_text(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        turn = c.stream("new", "Say something", system_prompt="Be brief.")
+        hist = c.history(turn.session_id)
+    assert hist["system_prompt"] == "Be brief."
+    assert hist["messages"] == [
+        {"role": "user", "content": "Say something"},
+        {"role": "assistant", "content": turn.text},
+    ]
+
+
+def test_system_prompt_is_taken_on_the_first_message_only(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        sid = c.stream("new", "one", system_prompt="First.").session_id
+        c.stream(sid, "two", system_prompt="Ignored.")
+        assert c.history(sid)["system_prompt"] == "First."
+
+
+def test_non_streaming_chat_returns_reply_and_turn_count(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        first = c.chat("new", "Hello")
+        second = c.chat(first["session_id"], "Again")
+        hist = c.history(first["session_id"])
+    assert first["turn_count"] == 1 and second["turn_count"] == 2
+    assert hist["messages"][1]["content"] == first["reply"]
+    assert hist["messages"][3]["content"] == second["reply"]
+    assert second["usage"]["input"] > first["usage"]["input"]
+
+
+def test_sessions_list_stats_and_delete(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        sid = c.stream("new", "Hello").session_id
+        c.stream(sid, "More")
+        assert sid in {s["id"] for s in c.sessions()}
+        st = c.stats(sid)
+        assert st["turn_count"] == 2
+        assert st["input_tokens"] > 0 and st["output_tokens"] == 24
+        assert st["age_seconds"] >= 0
+        assert st["context_strategy"] == {
+            "name": "keep_last_turns",
+            "budget_tokens": 50_000,
+            "keep_turns": 10,
+        }
+        assert st["last_turn_context"]["applied"] is False
+        assert c.delete(sid) == {"session_id": sid, "deleted": True}
+        with pytest.raises(ChatAPIError) as e:
+            c.history(sid)
+        assert e.value.status == 404
+
+
+def test_page_and_openapi_are_served(make_sim, make_chat):
+    server = make_chat(make_sim())
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "getReader" in page.text and "localStorage" in page.text
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/chat/stream/{session_id}", "/chat/{session_id}", "/sessions",
+                 "/sessions/{session_id}/history", "/sessions/{session_id}/stats"):
+        assert path in spec["paths"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+# ── the course's "Test it" list ──────────────────────────────────────────────
+
+
+def test_ten_turns_survive_a_restart_and_continue_with_context(make_sim, make_chat):
+    server = make_chat(make_sim())
+    with ChatClient(server.url) as c:
+        sid = c.stream("new", "Turn 1: my name is Ada.").session_id
+        inputs = []
+        for i in range(2, 11):
+            inputs.append(c.stream(sid, f"Turn {i}.").done["usage"]["input"])
+        before = c.history(sid)
+    assert before["turn_count"] == 10
+    server.restart()
+    with ChatClient(server.url) as c:
+        assert c.history(sid) == before  # persisted, unchanged
+        done = c.stream(sid, "Turn 11: what is my name?").done
+        after = c.history(sid)
+    assert done["stored"] and done["turn_count"] == 11
+    # The whole history was sent: the request grew past the pre-restart ones.
+    assert done["usage"]["input"] > max(inputs)
+    assert done["context"]["sent_turns"] == 10 and done["context"]["applied"] is False
+    assert after["messages"][:20] == before["messages"]
+    assert after["messages"][0]["content"] == "Turn 1: my name is Ada."
+
+
+def test_twenty_turns_with_a_small_budget_stop_input_growth(make_sim, make_chat):
+    server = make_chat(make_sim(), context_budget=250, keep_turns=3)
+    inputs, applied = [], []
+    with ChatClient(server.url) as c:
+        sid = "new"
+        for i in range(20):
+            done = c.stream(sid, f"Message number {i}: tell me about the weather.").done
+            sid = done["session_id"]
+            inputs.append(done["usage"]["input"])
+            applied.append(done["context"]["applied"])
+        st = c.stats(sid)
+        hist = c.history(sid)
+    first = applied.index(True)
+    assert 3 < first < 19, applied
+    assert all(applied[first:])  # once over budget, it stays applied
+    assert inputs[first - 1] > inputs[0]  # it grew before the window kicked in
+    tail = inputs[first + 1 :]
+    assert max(tail) - min(tail) <= 0.15 * min(tail), inputs  # then it stopped growing
+    assert max(tail) < inputs[first - 1] + 0.15 * inputs[first - 1]
+    assert st["last_turn_context"]["applied"] is True
+    assert st["last_turn_context"]["dropped_turns"] == 19 - 3
+    assert st["last_turn_context"]["sent_turns"] == 3
+    assert hist["turn_count"] == 20  # everything stays stored
+
+
+def _metric(api, name: str) -> float:
+    return api.metrics().get(name, 0.0)
+
+
+def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(make_sim, make_chat):
+    api = make_sim(itl_ms=40, reply_tokens=400)
+    server = make_chat(api)
+    with ChatClient(server.url) as c:
+        sid = c.chat("new", "first")["session_id"]
+        cancelled_before = _metric(api, "labkit_streams_cancelled_total")
+        t0 = time.monotonic()
+        turn = c.stream(sid, "second, interrupted", stop_after_deltas=3)
+        assert len(turn.deltas) == 3 and turn.done is None
+        # The upstream stream is cancelled promptly (400 tokens x 40 ms would be 16 s).
+        while _metric(api, "labkit_streams_cancelled_total") <= cancelled_before:
+            assert time.monotonic() - t0 < 5, api.metrics()
+            time.sleep(0.05)
+        assert _metric(api, "labkit_active_streams") == 0
+        # Rule: the partial reply is dropped, the history stays one complete turn.
+        hist = c.history(sid)
+        assert hist["turn_count"] == 1 and len(hist["messages"]) == 2
+        # The lock was released: the session takes the next message at once.
+        api_fast = c.stream(sid, "third")
+        assert api_fast.done["stored"]
+    log = server.log_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+# ── concurrency ──────────────────────────────────────────────────────────────
+
+
+def _hold_stream(url: str, sid: str, started: threading.Event, out: dict) -> None:
+    with ChatClient(url) as c:
+        out["turn"] = c.stream(sid, "slow one", on_text=lambda _t: started.set())
+
+
+def test_second_request_on_a_busy_session_gets_409(make_sim, make_chat):
+    server = make_chat(make_sim(itl_ms=30, reply_tokens=40))
+    with ChatClient(server.url) as c:
+        sid = c.chat("new", "hi")["session_id"]
+        started, out = threading.Event(), {}
+        t = threading.Thread(target=_hold_stream, args=(server.url, sid, started, out))
+        t.start()
+        assert started.wait(10)
+        with pytest.raises(ChatAPIError) as e:
+            c.stream(sid, "interleaved?")
+        assert e.value.status == 409 and e.value.body["error"] == "session_busy"
+        with pytest.raises(ChatAPIError) as e:
+            c.delete(sid)
+        assert e.value.status == 409
+        t.join(20)
+        assert out["turn"].done["stored"]
+        hist = c.history(sid)
+    assert [m["content"] for m in hist["messages"][::2]] == ["hi", "slow one"]
+
+
+@pytest.mark.redis
+def test_two_server_processes_sharing_redis_never_interleave(make_sim, make_chat, redis_store_url):
+    api = make_sim(itl_ms=30, reply_tokens=40)
+    a = make_chat(api, store_url=redis_store_url)
+    b = make_chat(api, store_url=redis_store_url)
+    with ChatClient(a.url) as ca, ChatClient(b.url) as cb:
+        sid = ca.chat("new", "hello from A")["session_id"]
+        assert cb.history(sid)["turn_count"] == 1  # one store
+        started, out = threading.Event(), {}
+        t = threading.Thread(target=_hold_stream, args=(a.url, sid, started, out))
+        t.start()
+        assert started.wait(10)
+        with pytest.raises(ChatAPIError) as e:
+            cb.stream(sid, "from B while A streams")
+        assert e.value.status == 409
+        t.join(20)
+        assert out["turn"].done["stored"]
+        done = cb.stream(sid, "from B after A").done
+        assert done["stored"] and done["turn_count"] == 3
+        msgs = ca.history(sid)["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    assert [m["content"] for m in msgs[::2]] == ["hello from A", "slow one", "from B after A"]
+
+
+# ── bad input: 4xx JSON, nothing stored ──────────────────────────────────────
+
+BAD = [
+    ("POST", "/chat/stream/0123456789abcdef0123456789abcdef", {"json": {"message": "hi"}}, 404, "session_not_found"),
+    ("POST", "/chat/stream/not-an-id", {"json": {"message": "hi"}}, 400, "invalid_session_id"),
+    ("POST", "/chat/stream/ABCDEF0123456789ABCDEF0123456789", {"json": {"message": "hi"}}, 400, "invalid_session_id"),
+    ("POST", "/chat/stream/new", {"json": {"message": ""}}, 422, "empty_message"),
+    ("POST", "/chat/stream/new", {"json": {"message": "   \n"}}, 422, "empty_message"),
+    ("POST", "/chat/stream/new", {"json": {"message": "x" * 201}}, 413, "message_too_long"),
+    ("POST", "/chat/stream/new", {"content": b'{"message": "hi"', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+    ("POST", "/chat/stream/new", {"json": {}}, 422, "invalid_request"),
+    ("POST", "/chat/stream/new", {"json": {"message": 42}}, 422, "invalid_request"),
+    ("POST", "/chat/stream/new", {"json": {"mesage": "typo"}}, 422, "invalid_request"),
+    ("POST", "/chat/stream/new", {"json": ["hi"]}, 422, "invalid_request"),
+    ("POST", "/chat/new", {"json": {"message": ""}}, 422, "empty_message"),
+    ("POST", "/chat/nope", {"json": {"message": "hi"}}, 400, "invalid_session_id"),
+    ("GET", "/sessions/0123456789abcdef0123456789abcdef/history", {}, 404, "session_not_found"),
+    ("GET", "/sessions/xyz/stats", {}, 400, "invalid_session_id"),
+    ("DELETE", "/sessions/0123456789abcdef0123456789abcdef", {}, 404, "session_not_found"),
+    ("GET", "/nowhere", {}, 404, "not_found"),
+]
+
+
+def test_bad_input_gets_4xx_json_saying_what_is_wrong_and_stores_nothing(make_sim, make_chat):
+    server = make_chat(make_sim(), max_message_chars=200)
+    with ChatClient(server.url) as c:
+        for method, path, kwargs, status, error in BAD:
+            r = c.http.request(method, path, **kwargs)
+            assert r.status_code == status, (path, kwargs, r.text)
+            body = r.json()
+            assert body["error"] == error, (path, body)
+            assert body["message"] and isinstance(body["hint"], str), body
+        assert c.sessions() == []
+        # Oversized says what the limit is; a missing field says which field.
+        r = c.http.post("/chat/stream/new", json={"message": "x" * 201})
+        assert "200" in r.json()["message"]
+        r = c.http.post("/chat/stream/new", json={})
+        assert "message" in r.json()["message"]
+
+
+def test_bad_input_on_an_existing_session_leaves_it_unchanged(make_sim, make_chat):
+    server = make_chat(make_sim(), max_message_chars=200)
+    with ChatClient(server.url) as c:
+        sid = c.chat("new", "hello")["session_id"]
+        before = c.history(sid)
+        for body in ({"message": ""}, {"message": "y" * 500}, {"nope": 1}):
+            r = c.http.post(f"/chat/stream/{sid}", json=body)
+            assert 400 <= r.status_code < 500
+        assert c.history(sid) == before
+        assert c.stream(sid, "still works").done["stored"]  # and no lock was leaked
