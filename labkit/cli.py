@@ -131,6 +131,37 @@ def sessions_delete(
     delete_session(store, session_id)
 
 
+@app.command()
+@friendly_errors
+def chat(
+    session: str = typer.Option(None, "--session", help="Resume this session id (see `labkit sessions list`)."),
+    store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    ttl: int = typer.Option(600, "--ttl", help="Redis only: seconds of inactivity before the session expires (0 = never)."),
+    summarise: bool = typer.Option(False, "--summarise", help="Fold history into a persisted summary past 20 turns."),
+    system: str = typer.Option(None, "--system", help="System prompt of a new session."),
+    provider: str = typer.Option(None, "--provider", help="local (default), anthropic or openai ($LABKIT_PROVIDER)."),
+    base_url: str = typer.Option(None, "--base-url", help="Use an already running compatible API."),
+    engine: str = typer.Option("llama", "--engine", help="Local provider only: llama (the real model) or sim."),
+    model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest reply, in tokens."),
+) -> None:
+    """Chat in the terminal; every complete turn is saved. Ctrl+C cancels a reply, Ctrl+D ends."""
+    from .store.chat import run_chat
+
+    run_chat(
+        session_id=session,
+        store_url=store,
+        ttl=ttl,
+        summarise=summarise,
+        system=system,
+        provider=provider,
+        base_url=base_url,
+        engine=engine,
+        model=model,
+        max_tokens=max_tokens,
+    )
+
+
 
 # ── serve (labkit.server) ─────────────────────────────────────────────────────
 

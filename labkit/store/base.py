@@ -13,7 +13,9 @@ Notes:
 2. ``load_history`` returns plain ``{"role", "content"}`` dicts, ready to be sent as
    ``messages=`` to either SDK; ``load_turns`` returns the full :class:`TurnRecord`.
 3. ``turn_lock`` is a *lease*: it expires on its own after ``lease_s`` so that a
-   process killed while holding it cannot block the session for ever.
+   process killed while holding it cannot block the session for ever. The lease
+   names its holder (host and pid), so a lock whose holder died on this same host is
+   taken over at once (a killed ``labkit chat`` can be resumed immediately).
 4. Session ids are ``uuid.uuid4().hex`` (32 lowercase hex characters); every method
    validates the id first, so a malformed id is an :class:`InvalidSessionIdError`,
    never a query.
@@ -22,7 +24,9 @@ Notes:
 from __future__ import annotations
 
 import abc
+import os
 import re
+import socket
 import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -272,6 +276,42 @@ class SessionStore(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self, 'url', '?')!r})"
+
+
+def lock_token() -> str:
+    """A turn-lock token naming its holder: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def holder_is_dead(token: str | None) -> bool:
+    """True if ``token`` names a process on this host that no longer exists.
+
+    Lets a lock left by a killed process be taken over at once instead of after its
+    lease; a holder on another host is only ever freed by its lease.
+    """
+    if not token or token.count(":") < 2:
+        return False
+    host, pid_text, _ = token.rsplit(":", 2)
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def check_summary_args(summary: object, covers_turns: object, turn_count: int) -> None:

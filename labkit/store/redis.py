@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -64,6 +63,8 @@ from .base import (
     check_last_n,
     check_summary_args,
     check_turn_args,
+    holder_is_dead,
+    lock_token,
     new_session_id,
     validate_session_id,
 )
@@ -502,18 +503,24 @@ class RedisStore(SessionStore):
         validate_session_id(session_id)
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
-        token = uuid.uuid4().hex
+        token = lock_token()
+        lock = self._lock_key(session_id)
 
         def acquire() -> list[Any]:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.exists(self._meta_key(session_id))
-                pipe.set(self._lock_key(session_id), token, nx=True, px=max(1, int(lease_s * 1000)))
+                pipe.set(lock, token, nx=True, px=max(1, int(lease_s * 1000)))
+                pipe.get(lock)
                 return pipe.execute()
 
-        exists, got = self._call(acquire)
+        exists, got, holder = self._call(acquire)
+        if exists and not got and holder_is_dead(holder):
+            # the holder was killed on this host: free its lock (only if still its) and retry
+            self._call(lambda: self._release(keys=[lock], args=[holder]))
+            exists, got, holder = self._call(acquire)
         if not exists:
             if got:
-                self._call(lambda: self._release(keys=[self._lock_key(session_id)], args=[token]))
+                self._call(lambda: self._release(keys=[lock], args=[token]))
             raise SessionNotFoundError(session_id)
         if not got:
             raise SessionBusyError(f"Session {session_id!r} is busy with another turn.")

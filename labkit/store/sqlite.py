@@ -41,7 +41,6 @@ import json
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -57,6 +56,8 @@ from .base import (
     check_last_n,
     check_summary_args,
     check_turn_args,
+    holder_is_dead,
+    lock_token,
     new_session_id,
     validate_session_id,
 )
@@ -435,13 +436,18 @@ class SQLiteStore(SessionStore):
         validate_session_id(session_id)
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
-        token = uuid.uuid4().hex
+        token = lock_token()
         with self._write() as db:
             self._require(db, session_id)
             now = time.time()
             db.execute(
                 "DELETE FROM turn_locks WHERE session_id = ? AND expires_at <= ?", (session_id, now)
             )
+            row = db.execute(
+                "SELECT token FROM turn_locks WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is not None and holder_is_dead(row[0]):
+                db.execute("DELETE FROM turn_locks WHERE session_id = ?", (session_id,))
             cur = db.execute(
                 "INSERT OR IGNORE INTO turn_locks (session_id, token, expires_at) VALUES (?, ?, ?)",
                 (session_id, token, now + lease_s),

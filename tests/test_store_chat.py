@@ -1,0 +1,212 @@
+"""`labkit chat` end to end: a real subprocess, stdin piped, the sim engine behind the
+local API, sessions in a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from labkit.store import open_store
+
+
+@pytest.fixture(scope="module")
+def fast_sim():
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer(engine="sim", ttft_ms=2, itl_ms=0, reply_tokens=8, seed=3) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def slow_sim():
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer(engine="sim", ttft_ms=20, itl_ms=40, reply_tokens=60, seed=3) as api:
+        yield api
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABKIT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def chat(
+    url: str, api, *args: str, stdin: str = "", timeout: float = 120
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "local",
+           "--base-url", api.base_url, "--max-tokens", "64", *args]  # fmt: skip
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _session_id(stdout: str) -> str:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("session ") and "(" in ln)
+    return line.split()[1]
+
+
+def _reply_words(out: str, sent: str) -> int:
+    """Words of the reply shown so far after the echoed line ``sent``."""
+    marker = sent + "\nassistant> "
+    return len(out.split(marker, 1)[1].split()) if marker in out else 0
+
+
+class Live:
+    """A chat subprocess whose stdout is collected as it arrives."""
+
+    def __init__(self, url: str, api, *args: str) -> None:
+        cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "local",
+               "--base-url", api.base_url, *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=_env(), bufsize=1)  # fmt: skip
+        self.out = ""
+        self._t = threading.Thread(target=self._pump, daemon=True)
+        self._t.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        while ch := self.proc.stdout.read(1):
+            self.out += ch
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, pred, timeout: float = 60) -> None:
+        t0 = time.monotonic()
+        while not pred(self.out):
+            if time.monotonic() - t0 > timeout or (
+                self.proc.poll() is not None and not pred(self.out)
+            ):
+                raise AssertionError(f"timed out; output so far:\n{self.out}")
+            time.sleep(0.02)
+
+    def close(self, timeout: float = 30) -> int:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        rc = self.proc.wait(timeout)
+        self._t.join(5)
+        return rc
+
+
+def test_new_session_prints_its_id_and_saves_every_turn(tmp_path, fast_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    res = chat(url, fast_sim, "--system", "Be brief.", stdin="Hello, I am Ada.\nWhat is my name?\n")
+    assert res.returncode == 0, res.stderr
+    sid = _session_id(res.stdout)
+    assert f"session {sid} (new)" in res.stdout
+    with open_store(url) as store:
+        info = store.get_session(sid)
+        turns = store.load_turns(sid)
+    assert info.system_prompt == "Be brief."
+    assert [t.user for t in turns] == ["Hello, I am Ada.", "What is my name?"]
+    assert all(t.assistant and t.assistant in res.stdout for t in turns)
+    assert all(t.output_tokens > 0 and t.input_tokens > 0 for t in turns)
+    assert f"labkit chat --session {sid}" in res.stdout
+
+
+def test_resume_sends_the_full_stored_context(tmp_path, fast_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    first = chat(url, fast_sim, stdin="My name is Ada.\nI write Python.\n")
+    sid = _session_id(first.stdout)
+    again = chat(url, fast_sim, "--session", sid, stdin="What is my name?\n")
+    assert again.returncode == 0, again.stderr
+    assert f"session {sid} (resumed, 2 turns)" in again.stdout
+    with open_store(url) as store:
+        turns = store.load_turns(sid)
+    assert [t.user for t in turns] == ["My name is Ada.", "I write Python.", "What is my name?"]
+    # the resumed request carried the two earlier turns: its prompt is the longest
+    assert turns[2].input_tokens > turns[1].input_tokens > turns[0].input_tokens
+
+
+def test_empty_new_session_is_not_kept_and_eof_ends_cleanly(tmp_path, fast_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    res = chat(url, fast_sim, stdin="")
+    assert res.returncode == 0, res.stderr
+    assert "not kept" in res.stdout
+    with open_store(url) as store:
+        assert store.list_sessions() == []
+
+
+def test_unknown_session_says_so_and_how_to_list(tmp_path, fast_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    res = chat(url, fast_sim, "--session", "0" * 32, stdin="hi\n")
+    assert res.returncode == 2
+    assert "No session with id" in res.stderr and "labkit sessions list" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = chat(url, fast_sim, "--session", "not-an-id", stdin="hi\n")
+    assert res.returncode == 2 and "32 lowercase hex" in res.stderr
+
+
+def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, fast_sim, slow_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    sid = _session_id(chat(url, fast_sim, stdin="First question.\n").stdout)
+    live = Live(url, slow_sim, "--session", sid)
+    try:
+        live.wait_for(lambda o: "you> " in o)
+        live.send("Tell me a long story.")
+        # wait until part of the reply has been shown, then press Ctrl+C
+        live.wait_for(lambda o: _reply_words(o, "Tell me a long story.") >= 3)
+        live.proc.send_signal(signal.SIGINT)
+        live.wait_for(lambda o: "reply cancelled" in o)
+    finally:
+        rc = live.close()
+    assert rc == 0, live.out
+    with open_store(url) as store:
+        turns = store.load_turns(sid)
+        assert [t.user for t in turns] == ["First question."]
+        assert store.get_session(sid).turn_count == 1
+        history = store.load_history(sid)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, fast_sim, slow_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    sid = _session_id(chat(url, fast_sim, stdin="Remember the word mango.\n").stdout)
+    live = Live(url, slow_sim, "--session", sid)
+    live.wait_for(lambda o: "you> " in o)
+    live.send("Now write a long poem.")
+    live.wait_for(lambda o: _reply_words(o, "Now write a long poem.") >= 3)
+    live.proc.send_signal(signal.SIGKILL)
+    assert live.close() == -signal.SIGKILL
+    with open_store(url) as store:
+        assert store.get_session(sid).turn_count == 1
+    res = chat(url, fast_sim, "--session", sid, stdin="Which word?\n")
+    assert res.returncode == 0, res.stderr
+    with open_store(url) as store:
+        turns = store.load_turns(sid)
+    assert [t.user for t in turns] == ["Remember the word mango.", "Which word?"]
+    assert turns[1].input_tokens > turns[0].input_tokens
+
+
+def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
+    url = f"sqlite:///{tmp_path}/c.db"
+    lines = "".join(f"Fact number {i}: the code word is w{i}.\n" for i in range(22))
+    res = chat(url, fast_sim, "--summarise", stdin=lines, timeout=240)
+    assert res.returncode == 0, res.stderr
+    sid = _session_id(res.stdout)
+    with open_store(url) as store:
+        summary = store.get_summary(sid)
+        turns = store.load_turns(sid)
+    assert len(turns) == 22
+    assert summary is not None and summary.covers_turns == 10 and summary.summary
+    # turn 21 (index 20) is the first sent as summary + the last 10 turns: a shorter prompt
+    assert turns[20].input_tokens < turns[19].input_tokens
+    assert turns[20].meta.get("dropped_turns") == 10
+    assert all(t.meta.get("dropped_turns", 0) == 0 for t in turns[:20])
+    again = chat(url, fast_sim, "--summarise", "--session", sid, stdin="And now?\n")
+    assert again.returncode == 0, again.stderr
+    assert "summary of turns 1-10 loaded" in again.stdout
+    with open_store(url) as store:
+        last = store.load_turns(sid, last_n_turns=1)[0]
+        assert store.get_summary(sid).covers_turns == 10  # not recomputed on resume
+    assert last.meta.get("dropped_turns") == 10
+    assert last.input_tokens < turns[19].input_tokens
