@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -194,7 +195,7 @@ def test_sim_itl_spaces_the_deltas(sim_api):
     ) as stream:
         for _ in stream.text_stream:
             stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert len(gaps) == 5
     assert 0.035 <= statistics.median(gaps) <= 0.060
 

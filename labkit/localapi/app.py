@@ -126,12 +126,13 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
     def is_openai(request: Request) -> bool:
         return request.url.path.startswith("/v1/chat")
 
-    def error_response(request: Request, error_type: str, message: str, status: int | None = None) -> Response:
+    def error_response(
+        request: Request, error_type: str, message: str, status: int | None = None, code: str | None = None
+    ) -> Response:
         from .engines import ERROR_STATUS
 
         status = status or ERROR_STATUS.get(error_type, 500)
         if is_openai(request):
-            code = "context_length_exceeded" if "context" in message and status == 400 else None
             body = openai_wire.error_body(error_type, message, code=code)
         else:
             body = anthropic_wire.error_body(error_type, message)
@@ -140,7 +141,7 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
 
     @api.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> Response:
-        return error_response(request, exc.error_type, exc.message)
+        return error_response(request, exc.error_type, exc.message, code=exc.code)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -171,11 +172,21 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 f"model: {model} (the local API serves {MODEL_ID!r}; see GET /v1/models)",
             )
 
-    def check_context(req: GenerationRequest, *, max_tokens_given: bool = True) -> int:
+    def check_context(req: GenerationRequest, *, max_tokens_given: bool = True, openai: bool = False) -> int:
         n = engine.count_tokens(req)
-        if n > engine.context_window:
-            raise EngineError("invalid_request_error", f"prompt is too long: {n} tokens > {engine.context_window} maximum")
-        if max_tokens_given and n + req.max_tokens > engine.context_window:
+        window = engine.context_window
+        if openai and (n > window or (max_tokens_given and n + req.max_tokens > window)):
+            asked = f" ({n} in the messages, {req.max_tokens} in the completion)" if max_tokens_given else ""
+            raise EngineError(
+                "invalid_request_error",
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{n + (req.max_tokens if max_tokens_given else 0)} tokens{asked}. "
+                "Please reduce the length of the messages or completion.",
+                code="context_length_exceeded",
+            )
+        if n > window:
+            raise EngineError("invalid_request_error", f"prompt is too long: {n} tokens > {window} maximum")
+        if max_tokens_given and n + req.max_tokens > window:
             raise EngineError(
                 "invalid_request_error",
                 f"input length and `max_tokens` exceed context limit: {n} + {req.max_tokens} > "
@@ -312,7 +323,7 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         model, req, include_usage = openai_wire.parse_chat_request(body, **request_options(request))
         check_model(model)
         given = body.get("max_completion_tokens", body.get("max_tokens")) is not None
-        check_context(req, max_tokens_given=given)
+        check_context(req, max_tokens_given=given, openai=True)
         try:
             started, events = await start(req)
         except DropConnection:

@@ -218,7 +218,7 @@ Event = Started | TextPiece | ToolStart | ToolInput | Finished
 class EngineError(Exception):
     """A failure to report to the client with the API's own error type."""
 
-    def __init__(self, error_type: str, message: str | None = None) -> None:
+    def __init__(self, error_type: str, message: str | None = None, *, code: str | None = None) -> None:
         if error_type not in ERROR_STATUS:
             raise ConfigurationError(
                 f"Unknown error type {error_type!r}.",
@@ -228,6 +228,8 @@ class EngineError(Exception):
         self.error_type = error_type
         self.message = message or _DEFAULT_MESSAGES[error_type]
         self.status = ERROR_STATUS[error_type]
+        #: A machine-readable code for OpenAI's error body (e.g. ``context_length_exceeded``).
+        self.code = code
 
 
 class DropConnection(Exception):
