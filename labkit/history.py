@@ -442,12 +442,14 @@ def model_summariser(
     model: str | None = None,
     max_tokens: int = 256,
     prompt: str = SUMMARY_PROMPT,
+    usage: list[tuple[int, int]] | None = None,
 ) -> Summariser:
     """A summariser that asks a (cheaper) model, with the course's prompt.
 
     ``clients`` is a :class:`labkit.providers.Clients` (default: ``providers.client()``
     on first use); ``model`` defaults to the clients' model. The previous summary is
-    given to the model so the summary runs on rather than restarting.
+    given to the model so the summary runs on rather than restarting. When ``usage``
+    is a list, each call appends the API's ``(input_tokens, output_tokens)`` to it.
     """
 
     def summarise(previous: str, messages: list[Message]) -> str:
@@ -461,7 +463,14 @@ def model_summariser(
             old_text=_transcript(messages),
         )
         request = [{"role": "user", "content": text}]
-        return _Backend(clients, model or clients.model, max_tokens, 0.0).create("", request)[0]
+        backend = _Backend(clients, model or clients.model, max_tokens, 0.0)
+        try:
+            summary, used = backend.create("", request)
+        except _sdk_errors() as exc:
+            raise _upstream(exc) from exc
+        if usage is not None:
+            usage.append((used["input_tokens"], used["output_tokens"]))
+        return summary
 
     return summarise
 
@@ -592,8 +601,16 @@ def _sdk_errors() -> tuple[type[BaseException], ...]:
     import httpx
     import openai
 
-    # httpx.TransportError: a connection dropped mid-stream surfaces as httpx's own error.
-    return (anthropic.APIError, openai.APIError, httpx.TransportError)
+    # A connection dropped mid-stream surfaces as the HTTP library's own error: the SDKs
+    # of late 2026 use httpx2, older ones httpx.
+    errors: list[type[BaseException]] = [anthropic.APIError, openai.APIError, httpx.TransportError]
+    try:
+        import httpx2
+
+        errors.append(httpx2.TransportError)
+    except ImportError:  # pragma: no cover - older SDKs
+        pass
+    return tuple(errors)
 
 
 class _Backend:

@@ -6,17 +6,20 @@ from itertools import pairwise
 
 import pytest
 
-from labkit.errors import ContextBudgetError, InvalidMessageError
+from labkit.errors import ContextBudgetError, InvalidMessageError, UpstreamError
 from labkit.history import (
     SUMMARY_ACK,
     SUMMARY_MARKER,
+    ConversationManager,
     FullHistory,
     KeepLastTurns,
     NoHistory,
     SlidingWindow,
     Summarise,
     course_sliding_window,
+    model_summariser,
 )
+from labkit.providers import Clients
 from labkit.tokens import REPLY_PRIMING, TokenCounter, count_messages
 
 
@@ -294,3 +297,129 @@ def test_summarise_restarts_for_a_different_conversation_and_restores_state():
     sel = fresh.select([*conversation(4), u("u5 q")])
     assert "stored summary" in sel.messages[0]["content"]
     assert labels(sel.messages[2:]) == ["u4", "a4", "u5"]
+
+
+# ── ConversationManager against the local API (sim engine) ────────────────────
+
+
+def with_sim_header(clients, header: str):
+    """Make every Anthropic/OpenAI request of ``clients`` carry ``x-labkit-sim``."""
+    clients.anthropic = clients.anthropic.with_options(default_headers={"x-labkit-sim": header})
+    clients.async_anthropic = clients.async_anthropic.with_options(
+        default_headers={"x-labkit-sim": header}
+    )
+    return clients
+
+
+def test_manager_chat_keeps_both_turns_with_api_usage(sim_clients):
+    conv = ConversationManager(sim_clients, system_prompt="Be brief.", max_tokens=50)
+    reply = conv.chat("My name is Ajay.")
+    assert reply and conv.turn_count == 1
+    assert [t.role for t in conv.history] == ["user", "assistant"]
+    assert conv.history[1].content == reply
+    usage = conv.usage[0]
+    assert usage.input_tokens > 0 and usage.output_tokens > 0
+    assert usage.strategy == "full history" and usage.estimated_tokens > 0
+    conv.chat("What is my name?")
+    assert conv.turn_count == 2
+    assert conv.usage[1].input_tokens > usage.input_tokens, "the second request carries the first"
+
+
+def test_manager_chat_stream_commits_the_sdk_final_message(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=50)
+    chunks = list(conv.chat_stream("Tell me something."))
+    assert len(chunks) > 1, "text arrives in pieces"
+    assert conv.history[-1].content == "".join(chunks)
+    assert conv.history[-1].tokens and conv.history[-1].meta["stop_reason"]
+
+
+async def test_manager_async_twins(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=30)
+    reply = await conv.achat("hello")
+    chunks = [c async for c in conv.achat_stream("and again")]
+    assert conv.turn_count == 2
+    assert conv.history[1].content == reply
+    assert conv.history[3].content == "".join(chunks)
+
+
+def test_failed_stream_leaves_no_dangling_user_message(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=50)
+    conv.chat("first")
+    with_sim_header(sim_clients, "fail_after=2;fail_with=api_error")
+    seen = []
+    with pytest.raises(UpstreamError):
+        for chunk in conv.chat_stream("second"):
+            seen.append(chunk)
+    assert len(seen) == 2, "the text before the error was streamed"
+    assert conv.turn_count == 1 and len(conv.history) == 2
+    with_sim_header(sim_clients, "reply_tokens=5")
+    conv.chat("second, retried")
+    assert [t.role for t in conv.history] == ["user", "assistant"] * 2
+
+
+def test_error_before_any_byte_is_an_upstream_error_with_the_status(sim_clients):
+    conv = ConversationManager(with_sim_header(sim_clients, "fail_before=overloaded_error"))
+    with pytest.raises(UpstreamError) as info:
+        conv.chat("hello")
+    assert info.value.status_code == 529
+    assert info.value.hint and conv.history == []
+
+
+def test_dropped_connection_mid_stream_is_an_upstream_error(sim_clients):
+    conv = ConversationManager(with_sim_header(sim_clients, "fail_after=2;fail_with=disconnect"))
+    with pytest.raises(UpstreamError):
+        list(conv.chat_stream("hello"))
+    assert conv.history == []
+
+
+def test_stopping_a_stream_early_does_not_commit_the_turn(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=50)
+    stream = conv.chat_stream("hello")
+    next(stream)
+    stream.close()
+    assert conv.history == []
+
+
+def test_manager_strategy_shrinks_what_is_sent(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=20)
+    for i in range(6):
+        conv.chat(f"message {i} " + "padding " * 60)
+    full_input = conv.usage[-1].input_tokens
+    conv.strategy = SlidingWindow(max_tokens=300)
+    conv.chat("short question")
+    assert conv.last_selection.dropped_turns > 0
+    assert conv.usage[-1].input_tokens < full_input
+    assert conv.usage[-1].dropped_turns == conv.last_selection.dropped_turns
+
+
+def test_manager_rejects_empty_messages_and_clears(sim_clients):
+    conv = ConversationManager(sim_clients, max_tokens=20)
+    with pytest.raises(InvalidMessageError):
+        conv.chat("   ")
+    conv.chat("hi")
+    conv.clear()
+    assert conv.turn_count == 0 and conv.history == [] and conv.messages() == []
+
+
+def test_manager_budget_error_never_calls_the_api(sim_clients):
+    conv = ConversationManager(sim_clients, strategy=SlidingWindow(max_tokens=50))
+    with pytest.raises(ContextBudgetError):
+        conv.chat("word " * 200)
+    assert conv.history == []
+
+
+def test_manager_speaks_openai_too(sim_api):
+    clients = Clients("openai", "smollm2-135m-instruct", sim_api.openai_base_url, None, "x")
+    conv = ConversationManager(clients, system_prompt="Be brief.", max_tokens=20)
+    chunks = list(conv.chat_stream("hello"))
+    assert conv.history[-1].content == "".join(chunks)
+    assert conv.usage[0].input_tokens > 0
+    assert conv.chat("again") and conv.turn_count == 2
+
+
+def test_summarise_with_a_model_summariser_records_its_usage(sim_clients):
+    used: list[tuple[int, int]] = []
+    strat = Summarise(model_summariser(sim_clients, max_tokens=30, usage=used), keep_recent=1)
+    sel = strat.select([*conversation(3), u("u4 q")])
+    assert sel.applied and sel.messages[0]["content"].startswith(SUMMARY_MARKER)
+    assert len(used) == strat.calls >= 1 and used[0][0] > 0
