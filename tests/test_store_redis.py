@@ -165,3 +165,24 @@ def test_store_recovers_when_the_server_comes_back():
             assert store.create_session().turn_count == 0
     finally:
         server.stop()
+
+
+def test_compare_stores_times_all_three_on_whole_sessions(tmp_path, redis_url):
+    from labkit.store.bench import compare_stores, course_functions
+
+    save, load = course_functions(str(tmp_path / "course_only.db"))
+    save("c1", "hi", "hello", 3)
+    assert load("c1") == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    rows = compare_stores(
+        str(tmp_path / "bench"), sessions=6, turns=3, samples=5, baseline_samples=3,
+        redis_url=redis_url, log=lambda s: None,
+    )  # fmt: skip
+    got = {(r["store"], r["op"]): r for r in rows}
+    assert set(got) == {
+        (s, op) for s in ("labkit sqlite", "labkit redis", "course get_db()") for op in ("load", "append")
+    }
+    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert got[("course get_db()", "load")]["n"] == 3
