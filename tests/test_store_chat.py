@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
 from labkit.store import open_store
+from labkit.store.chat import ChatProcess
 
 
 @pytest.fixture(scope="module")
@@ -52,49 +51,9 @@ def _session_id(stdout: str) -> str:
     return line.split()[1]
 
 
-def _reply_words(out: str, sent: str) -> int:
-    """Words of the reply shown so far after the echoed line ``sent``."""
-    marker = sent + "\nassistant> "
-    return len(out.split(marker, 1)[1].split()) if marker in out else 0
-
-
-class Live:
-    """A chat subprocess whose stdout is collected as it arrives."""
-
-    def __init__(self, url: str, api, *args: str) -> None:
-        cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "local",
-               "--base-url", api.base_url, *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=_env(), bufsize=1)  # fmt: skip
-        self.out = ""
-        self._t = threading.Thread(target=self._pump, daemon=True)
-        self._t.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        while ch := self.proc.stdout.read(1):
-            self.out += ch
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait_for(self, pred, timeout: float = 60) -> None:
-        t0 = time.monotonic()
-        while not pred(self.out):
-            if time.monotonic() - t0 > timeout or (
-                self.proc.poll() is not None and not pred(self.out)
-            ):
-                raise AssertionError(f"timed out; output so far:\n{self.out}")
-            time.sleep(0.02)
-
-    def close(self, timeout: float = 30) -> int:
-        if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        rc = self.proc.wait(timeout)
-        self._t.join(5)
-        return rc
+def live(url: str, api, *args: str) -> ChatProcess:
+    return ChatProcess("--store", url, "--provider", "local", "--base-url", api.base_url, *args,
+                       env={k: "" for k in os.environ if k.startswith("LABKIT_")})  # fmt: skip
 
 
 def test_new_session_prints_its_id_and_saves_every_turn(tmp_path, fast_sim):
@@ -149,17 +108,16 @@ def test_unknown_session_says_so_and_how_to_list(tmp_path, fast_sim):
 def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, fast_sim, slow_sim):
     url = f"sqlite:///{tmp_path}/c.db"
     sid = _session_id(chat(url, fast_sim, stdin="First question.\n").stdout)
-    live = Live(url, slow_sim, "--session", sid)
-    try:
-        live.wait_for(lambda o: "you> " in o)
-        live.send("Tell me a long story.")
+    with live(url, slow_sim, "--session", sid) as proc:
+        proc.wait_for(lambda o: "you> " in o)
+        proc.send("Tell me a long story.")
         # wait until part of the reply has been shown, then press Ctrl+C
-        live.wait_for(lambda o: _reply_words(o, "Tell me a long story.") >= 3)
-        live.proc.send_signal(signal.SIGINT)
-        live.wait_for(lambda o: "reply cancelled" in o)
-    finally:
-        rc = live.close()
-    assert rc == 0, live.out
+        partial = proc.wait_for_reply("Tell me a long story.", words=3)
+        proc.interrupt()
+        proc.wait_for(lambda o: "reply cancelled" in o)
+        rc = proc.close()
+    assert rc == 0, proc.output
+    assert partial.split()[0] in proc.output
     with open_store(url) as store:
         turns = store.load_turns(sid)
         assert [t.user for t in turns] == ["First question."]
@@ -171,12 +129,11 @@ def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, fast_s
 def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, fast_sim, slow_sim):
     url = f"sqlite:///{tmp_path}/c.db"
     sid = _session_id(chat(url, fast_sim, stdin="Remember the word mango.\n").stdout)
-    live = Live(url, slow_sim, "--session", sid)
-    live.wait_for(lambda o: "you> " in o)
-    live.send("Now write a long poem.")
-    live.wait_for(lambda o: _reply_words(o, "Now write a long poem.") >= 3)
-    live.proc.send_signal(signal.SIGKILL)
-    assert live.close() == -signal.SIGKILL
+    with live(url, slow_sim, "--session", sid) as proc:
+        proc.wait_for(lambda o: "you> " in o)
+        proc.send("Now write a long poem.")
+        proc.wait_for_reply("Now write a long poem.", words=3)
+        assert proc.kill() == -signal.SIGKILL
     with open_store(url) as store:
         assert store.get_session(sid).turn_count == 1
     res = chat(url, fast_sim, "--session", sid, stdin="Which word?\n")

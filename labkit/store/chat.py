@@ -28,7 +28,11 @@ Notes:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +41,7 @@ from rich.console import Console
 from ..errors import LabkitError, SessionNotFoundError
 from . import SessionStore, open_store, resolve_store_url, validate_session_id
 
-__all__ = ["KEEP_RECENT_TURNS", "SUMMARISE_AFTER_TURNS", "ChatSession", "run_chat"]
+__all__ = ["KEEP_RECENT_TURNS", "SUMMARISE_AFTER_TURNS", "ChatProcess", "ChatSession", "run_chat"]
 
 #: ``--summarise`` folds history once a conversation has more turns than this.
 SUMMARISE_AFTER_TURNS = 20
@@ -273,3 +277,107 @@ def _esc(text: str) -> str:
     from rich.markup import escape
 
     return escape(text if len(text) <= 300 else text[:297] + "...")
+
+
+class ChatProcess:
+    """``labkit chat`` in a subprocess, stdin piped, its output collected as it arrives.
+
+    For notebooks and tests: ``send()`` a line, ``wait_for_reply()`` until some of the
+    reply has streamed, then ``interrupt()`` (Ctrl+C), ``kill()`` (SIGKILL) or
+    ``close()`` (EOF, then wait for the exit).
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import threading
+
+        cmd = [sys.executable, "-m", "labkit.cli", "chat", *args]
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+            bufsize=1,
+        )
+        self._chunks: list[str] = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while ch := self.proc.stdout.read(1):
+            self._chunks.append(ch)
+
+    @property
+    def output(self) -> str:
+        """Everything the process printed so far (stdout and stderr)."""
+        return "".join(self._chunks)
+
+    @property
+    def session_id(self) -> str | None:
+        """The id from the ``session <id> (new|resumed…)`` banner, once printed."""
+        for line in self.output.splitlines():
+            if line.startswith("session ") and "(" in line:
+                return line.split()[1]
+        return None
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 120) -> None:
+        t0 = time.monotonic()
+        while not predicate(self.output):
+            if self.proc.poll() is not None:
+                time.sleep(0.1)  # let the reader drain
+                if predicate(self.output):
+                    return
+                raise RuntimeError(f"labkit chat exited ({self.proc.returncode}):\n{self.output}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"waited {timeout} s; output so far:\n{self.output}")
+            time.sleep(0.02)
+
+    def reply_after(self, sent: str) -> str:
+        """The reply text shown so far after the echoed line ``sent``."""
+        marker = sent + "\nassistant> "
+        out = self.output
+        return out.split(marker, 1)[1].split("\nyou> ", 1)[0] if marker in out else ""
+
+    def wait_for_reply(self, sent: str, *, words: int | None = None, timeout: float = 300) -> str:
+        """Wait until ``words`` words of the reply have streamed (None: the whole reply)."""
+        marker = sent + "\nassistant> "
+        if words is None:
+            self.wait_for(lambda o: marker in o and "\nyou> " in o.split(marker, 1)[1], timeout)
+        else:
+            self.wait_for(lambda o: len(self.reply_after(sent).split()) >= words, timeout)
+        return self.reply_after(sent)
+
+    def interrupt(self) -> None:
+        """Ctrl+C."""
+        self.proc.send_signal(signal.SIGINT)
+
+    def kill(self) -> int:
+        """SIGKILL: no cleanup, no goodbye. Returns the exit status."""
+        self.proc.kill()
+        return self.close()
+
+    def close(self, timeout: float = 60) -> int:
+        """EOF on stdin, then wait for the process to end; return its exit status."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        rc = self.proc.wait(timeout)
+        self._pump.join(5)
+        return rc
+
+    def __enter__(self) -> ChatProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.close()
