@@ -130,6 +130,68 @@ def local_api(
 # ── ttft (labkit.timing) ──────────────────────────────────────────────────────
 
 
+@app.command()
+@friendly_errors
+def ttft(
+    prompts: str = typer.Option(None, "--prompts", help="JSON-lines prompts file (default: data/lab1_prompts.jsonl)."),
+    provider: str = typer.Option(None, "--provider", help="local (default, or $LABKIT_PROVIDER), anthropic or openai."),
+    base_url: str = typer.Option(None, "--base-url", help="Send requests here (any compatible server)."),
+    model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
+    engine: str = typer.Option("llama", "--engine", help="Local engine when starting one: llama or sim."),
+    api: str = typer.Option(None, "--api", help="Wire format: anthropic or openai (default: the provider's)."),
+    trials: int = typer.Option(3, "--trials", min=1, help="Recorded requests per prompt and mode."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Unrecorded requests first."),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="Requests in flight at once."),
+    cache: str = typer.Option("off", "--cache", help="Prompt cache on|off (off measures TTFT cold)."),
+    non_stream: bool = typer.Option(True, "--non-stream/--stream-only", help="Also time each prompt without streaming."),
+    out: str = typer.Option(None, "--out", help="CSV file: one row per request, every timestamp and metric."),
+) -> None:
+    """Measure TTFT, ITL and total time, streamed vs not, on a prompts file."""
+    import csv
+
+    from rich.table import Table
+
+    from .errors import ConfigurationError
+    from .providers import client
+    from .timing import load_prompts, per_prompt_table, run_trials
+
+    if cache not in ("on", "off"):
+        raise ConfigurationError(f"--cache must be on or off, not {cache!r}.", hint="Use --cache on or --cache off.")
+    if api not in (None, "anthropic", "openai"):
+        raise ConfigurationError(f"--api must be anthropic or openai, not {api!r}.", hint="Use --api anthropic or --api openai.")
+    loaded = load_prompts(prompts)
+    clients = client(provider, model=model, base_url=base_url, engine=engine)
+    rows = run_trials(clients, loaded, trials=trials, warmup=warmup, concurrency=concurrency,
+                      cache=cache == "on", api=api, non_stream=non_stream)
+    if out:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    d = clients.describe()
+    table = Table(title=f"TTFT — {d['provider']} {d['model']} ({d.get('engine') or d.get('base_url') or 'default'}), "
+                        f"medians of {trials} trial(s), concurrency {concurrency}, cache {cache}")
+    for col in ("prompt", "out tokens", "stream TTFT ms", "stream total ms", "non-stream total ms",
+                "TTFT speedup", "ITL p50 ms"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+
+    def fmt(v: object, spec: str = ".1f") -> str:
+        return "—" if v is None else format(v, spec)
+
+    for r in per_prompt_table(rows):
+        table.add_row(r["prompt"], fmt(r["output_tokens"], ".0f"), fmt(r["stream_ttft_ms"]),
+                      fmt(r["stream_total_ms"]), fmt(r["non_stream_total_ms"]),
+                      fmt(r["ttft_speedup"], ".1f") + ("×" if r["ttft_speedup"] else ""), fmt(r["itl_p50_ms"], ".2f"))
+    Console().print(table)
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        err.print(f"[yellow]{len(errors)} of {len(rows)} requests failed[/] "
+                  f"({', '.join(sorted({str(r['error']) for r in errors}))}); they are in the CSV, not the medians.")
+    if out:
+        err.print(f"wrote {len(rows)} rows to {out}")
+
+
 # ── sessions and chat (labkit.store) ──────────────────────────────────────────
 
 sessions_app = typer.Typer(

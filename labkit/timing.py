@@ -80,18 +80,25 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "AsyncTimedStream",
     "CallTiming",
+    "Prompt",
     "StreamEvent",
     "StreamTiming",
     "TimedStream",
     "atimed_call",
     "instrument",
+    "load_prompts",
+    "measure_call",
+    "measure_stream",
     "observe_event",
+    "per_prompt_table",
     "percentile",
+    "run_trials",
     "summarize",
     "timed",
     "timed_call",
@@ -857,3 +864,204 @@ async def atimed_call(
     result = await func(*args, **kwargs)
     end = time.perf_counter_ns()
     return result, _call_timing(result, sent, end)
+
+
+# ── Lab 1 runner: prompts × trials, streamed and not (used by `labkit ttft`) ─────
+
+
+@dataclass
+class Prompt:
+    """One Lab 1 prompt."""
+
+    id: str
+    """Short name shown in tables."""
+    prompt: str
+    """The user message."""
+    max_tokens: int
+    """Cap on the reply, sized to the output length this prompt aims for."""
+
+
+def default_prompts_path() -> Path:
+    """``data/lab1_prompts.jsonl`` at the top of the labkit checkout."""
+    here = Path(__file__).resolve().parent.parent / "data" / "lab1_prompts.jsonl"
+    if here.exists():
+        return here
+    from .results import results_dir
+
+    return results_dir().parent / "data" / "lab1_prompts.jsonl"
+
+
+def load_prompts(path: str | Path | None = None) -> list[Prompt]:
+    """Read a JSON-lines prompts file (``id``, ``prompt``, ``max_tokens`` per line)."""
+    import json
+
+    from .errors import ConfigurationError
+
+    p = Path(path) if path is not None else default_prompts_path()
+    if not p.exists():
+        raise ConfigurationError(f"Prompts file not found: {p}",
+                                 hint="Pass --prompts FILE (JSON lines: id, prompt, max_tokens).")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            prompts.append(Prompt(str(d["id"]), str(d["prompt"]), int(d["max_tokens"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                f"{p}:{n}: not a prompt line ({exc}).",
+                hint='Each line must be JSON like {"id": "short", "prompt": "...", "max_tokens": 64}.',
+            ) from exc
+    if not prompts:
+        raise ConfigurationError(f"{p} holds no prompts.", hint="Add one JSON object per line.")
+    return prompts
+
+
+def _request_kwargs(clients: Any, api: str, prompt: Prompt, cache: bool,
+                    extra_headers: dict[str, str] | None) -> dict[str, Any]:
+    headers = dict(extra_headers or {})
+    if not cache and getattr(clients, "provider", "") == "local":
+        headers["x-labkit-cache"] = "off"
+    kw: dict[str, Any] = {
+        "model": clients.model,
+        "max_tokens": prompt.max_tokens,
+        "messages": [{"role": "user", "content": prompt.prompt}],
+    }
+    if headers:
+        kw["extra_headers"] = headers
+    if api == "anthropic":
+        kw["extra_body"] = {"temperature": 0}
+    else:
+        kw["temperature"] = 0
+    return kw
+
+
+def measure_stream(clients: Any, prompt: Prompt, *, api: str = "anthropic", cache: bool = False,
+                   extra_headers: dict[str, str] | None = None) -> StreamTiming:
+    """One streamed request for ``prompt``; returns its :class:`StreamTiming`."""
+    kw = _request_kwargs(clients, api, prompt, cache, extra_headers)
+    if api == "anthropic":
+        source: Any = instrument(clients.anthropic).messages.stream(**kw)
+    else:
+        oc = instrument(clients.openai)
+        source = lambda: oc.chat.completions.create(  # noqa: E731
+            stream=True, stream_options={"include_usage": True}, **kw)
+    ctx = timed(source)
+    try:
+        with ctx as stream:
+            for _ in stream.text_stream:
+                pass
+    except Exception as exc:  # recorded in the row (``error``); the run goes on
+        finish(ctx.timing, time.perf_counter_ns(), exc)
+    return ctx.timing
+
+
+def measure_call(clients: Any, prompt: Prompt, *, api: str = "anthropic", cache: bool = False,
+                 extra_headers: dict[str, str] | None = None) -> CallTiming:
+    """One non-streaming request for ``prompt``; returns its :class:`CallTiming`."""
+    kw = _request_kwargs(clients, api, prompt, cache, extra_headers)
+    if api == "anthropic":
+        return timed_call(clients.anthropic.messages.create, **kw)[1]
+    return timed_call(clients.openai.chat.completions.create, **kw)[1]
+
+
+def run_trials(
+    clients: Any,
+    prompts: Sequence[Prompt],
+    *,
+    trials: int = 3,
+    warmup: int = 1,
+    concurrency: int = 1,
+    cache: bool = False,
+    api: str | None = None,
+    non_stream: bool = True,
+    extra_headers: dict[str, str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every prompt ``trials`` times streamed (and, with ``non_stream``, not
+    streamed), after ``warmup`` unrecorded requests; ``concurrency`` requests in
+    flight at once (a closed loop of worker threads). One row per request: the
+    prompt, mode, trial, settings and every field of :meth:`StreamTiming.row`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from .errors import ConfigurationError
+
+    if trials < 1 or warmup < 0 or concurrency < 1:
+        raise ConfigurationError(
+            f"trials={trials}, warmup={warmup}, concurrency={concurrency} is not a run.",
+            hint="Use trials >= 1, warmup >= 0 and concurrency >= 1.")
+    api = api or ("openai" if getattr(clients, "provider", "") == "openai" else "anthropic")
+    for i in range(warmup):
+        measure_stream(clients, prompts[i % len(prompts)], api=api, cache=cache,
+                       extra_headers=extra_headers)
+    jobs = [(t, p, mode) for t in range(trials) for p in prompts
+            for mode in (("stream", "non_stream") if non_stream else ("stream",))]
+    base = {"provider": getattr(clients, "provider", ""), "model": getattr(clients, "model", ""),
+            "api": api, "cache": "on" if cache else "off", "concurrency": concurrency}
+
+    def one(job: tuple[int, Prompt, str]) -> dict[str, Any]:
+        trial, prompt, mode = job
+        row: dict[str, Any] = {**base, "prompt_id": prompt.id, "max_tokens": prompt.max_tokens,
+                               "trial": trial, "mode": mode}
+        if mode == "stream":
+            row.update(measure_stream(clients, prompt, api=api, cache=cache,
+                                      extra_headers=extra_headers).row())
+        else:
+            try:
+                row.update(measure_call(clients, prompt, api=api, cache=cache,
+                                        extra_headers=extra_headers).row())
+            except Exception as exc:
+                row["error"] = type(exc).__name__
+        row["api"] = api
+        return row
+
+    bar = tqdm(total=len(jobs), desc=f"ttft ×{concurrency}", disable=not progress, leave=False)
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for row in pool.map(one, jobs):
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def per_prompt_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Lab 1's table from :func:`run_trials` rows: per prompt, medians and p10/p90 of
+    stream TTFT, stream total and non-stream total; output tokens (median) and the
+    TTFT speedup (non-stream total / stream TTFT, medians)."""
+    order: list[str] = []
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("error"):
+            continue
+        if r["prompt_id"] not in by:
+            order.append(r["prompt_id"])
+        by.setdefault(r["prompt_id"], []).append(r)
+    table = []
+    for pid in order:
+        rs = by[pid]
+        stream = [r for r in rs if r["mode"] == "stream"]
+        plain = [r for r in rs if r["mode"] == "non_stream"]
+        ttft = summarize(r.get("ttft_ms") for r in stream)
+        total = summarize(r.get("e2e_ms") for r in stream)
+        nst = summarize(r.get("e2e_ms") for r in plain)
+        toks = summarize(r.get("output_tokens") for r in stream)
+        itl = summarize(r.get("itl_p50_ms") for r in stream)
+        speedup = (nst["median"] / ttft["median"]) if nst["median"] and ttft["median"] else None
+        table.append({
+            "prompt": pid,
+            "output_tokens": toks["median"],
+            "stream_ttft_ms": ttft["median"], "stream_ttft_p10": ttft["p10"],
+            "stream_ttft_p90": ttft["p90"],
+            "stream_total_ms": total["median"], "stream_total_p10": total["p10"],
+            "stream_total_p90": total["p90"],
+            "non_stream_total_ms": nst["median"], "non_stream_total_p10": nst["p10"],
+            "non_stream_total_p90": nst["p90"],
+            "ttft_speedup": speedup,
+            "itl_p50_ms": itl["median"],
+            "n": ttft["n"],
+        })
+    return table

@@ -372,3 +372,77 @@ def test_measured_ttft_and_itl_match_sim_ground_truth(clients, ttft, itl):
     itl_err = statistics.median(itls) - itl
     assert -1.0 <= ttft_err <= 15.0, ttfts  # never early; a loaded machine may add a little
     assert abs(itl_err) <= 3.0, itls
+
+
+# ── the runner and `labkit ttft` ──────────────────────────────────────────────
+
+
+def test_run_trials_rows_and_lab1_table(timing_sim_server):
+    from labkit.providers import client
+    from labkit.timing import Prompt, per_prompt_table, run_trials
+
+    clients = client("local", base_url=timing_sim_server.base_url)
+    prompts = [Prompt("a", "Say hi.", 5), Prompt("b", "Say more.", 12)]
+    rows = run_trials(clients, prompts, trials=2, warmup=1, concurrency=2, progress=False,
+                      extra_headers=_sim(ttft_ms=30, itl_ms=2, reply_tokens=100))
+    assert len(rows) == 2 * 2 * 2 and not any(r.get("error") for r in rows)
+    assert {r["mode"] for r in rows} == {"stream", "non_stream"}
+    table = per_prompt_table(rows)
+    assert [r["prompt"] for r in table] == ["a", "b"]
+    assert [r["output_tokens"] for r in table] == [5, 12]  # max_tokens caps the sim reply
+    for r in table:
+        assert r["stream_ttft_ms"] >= 30 and r["non_stream_total_ms"] > r["stream_ttft_ms"]
+        assert r["ttft_speedup"] == pytest.approx(r["non_stream_total_ms"] / r["stream_ttft_ms"])
+
+
+def test_load_prompts_rejects_a_bad_file(tmp_path):
+    from labkit.timing import load_prompts
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "x", "prompt": "hi"}\n')
+    with pytest.raises(ConfigurationError, match="not a prompt line") as info:
+        load_prompts(bad)
+    assert "max_tokens" in info.value.hint
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_default_lab1_prompts_span_short_to_long_replies():
+    from labkit.timing import load_prompts
+
+    prompts = load_prompts()
+    caps = [p.max_tokens for p in prompts]
+    assert len(prompts) == 5 and caps == sorted(caps) and caps[0] <= 64 and caps[-1] >= 500
+
+
+def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from labkit.cli import app
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "one", "prompt": "Hi", "max_tokens": 4}\n'
+                       '{"id": "two", "prompt": "Hello", "max_tokens": 6}\n')
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(app, [
+        "ttft", "--provider", "local", "--base-url", timing_sim_server.base_url,
+        "--prompts", str(prompts), "--trials", "2", "--warmup", "0", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "one" in result.output and "two" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 2 * 2
+    stream = [r for r in rows if r["mode"] == "stream"]
+    assert all(r["text_rel_ns"] and r["ttft_ms"] and r["sent_source"] == "httpx_hook" for r in stream)
+
+
+def test_cli_ttft_bad_cache_value_is_a_clear_error():
+    from typer.testing import CliRunner
+
+    from labkit.cli import app
+
+    result = CliRunner().invoke(app, ["ttft", "--cache", "maybe"])
+    assert result.exit_code == 2
+    assert "--cache must be on or off" in result.output
