@@ -363,6 +363,8 @@ def _classify(event: Any) -> tuple[str, str, str, dict[str, int]] | None:
     """(wire type, kind, text, usage) of an SDK event, or None for helper-only events
     that repeat a raw event already seen (Anthropic ``text``, OpenAI ``content.delta``…)."""
     etype = _get(event, "type", None)
+    if etype in _ANTHROPIC_HELPER_EVENTS:
+        return None
     usage: dict[str, int] = {}
     # OpenAI helper: ChunkEvent(type="chunk", chunk=ChatCompletionChunk); other helper events skip.
     if etype == "chunk":
@@ -629,8 +631,9 @@ class _TimedBase:
 class TimedStream(_TimedBase):
     """A sync SDK stream whose events are timed as they are consumed."""
 
-    def __iter__(self) -> Iterator[Any]:
+    def _observed(self) -> Iterator[tuple[Any, StreamEvent | None]]:
         it = iter(self._inner)
+        timing = self.timing
         while True:
             try:
                 event = next(it)
@@ -640,16 +643,18 @@ class TimedStream(_TimedBase):
             except BaseException as exc:
                 self._finish(exc)
                 raise
-            observe_event(self.timing, event, time.perf_counter_ns())
+            yield event, observe_event(timing, event, time.perf_counter_ns())
+
+    def __iter__(self) -> Iterator[Any]:
+        for event, _ in self._observed():
             yield event
 
     @property
     def text_stream(self) -> Iterator[str]:
         """The text deltas, as the SDK's ``text_stream`` yields them, but timed."""
-        for event in self:
-            got = _classify(event)
-            if got is not None and got[1] == "text":
-                yield got[2]
+        for _, rec in self._observed():
+            if rec is not None and rec.kind == "text":
+                yield rec.text
 
     def until_done(self) -> Any:
         for _ in self:
@@ -681,8 +686,9 @@ class TimedStream(_TimedBase):
 class AsyncTimedStream(_TimedBase):
     """An async SDK stream whose events are timed as they are consumed."""
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def _observed(self) -> AsyncIterator[tuple[Any, StreamEvent | None]]:
         it = self._inner.__aiter__()
+        timing = self.timing
         while True:
             try:
                 event = await it.__anext__()
@@ -692,16 +698,20 @@ class AsyncTimedStream(_TimedBase):
             except BaseException as exc:
                 self._finish(exc)
                 raise
-            observe_event(self.timing, event, time.perf_counter_ns())
+            yield event, observe_event(timing, event, time.perf_counter_ns())
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for event, _ in self._observed():
             yield event
 
     @property
     def text_stream(self) -> AsyncIterator[str]:
+        """The text deltas, as the SDK's ``text_stream`` yields them, but timed."""
+
         async def gen() -> AsyncIterator[str]:
-            async for event in self:
-                got = _classify(event)
-                if got is not None and got[1] == "text":
-                    yield got[2]
+            async for _, rec in self._observed():
+                if rec is not None and rec.kind == "text":
+                    yield rec.text
 
         return gen()
 
