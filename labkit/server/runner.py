@@ -11,14 +11,13 @@ Notes:
    and starts a new one on the same port, which is what "the server restarted" means
    to a client (and to the browser's ``localStorage``, which is per origin).
 3. The child's stderr goes to a file (``.log_path``) so tests can assert that no
-   traceback was logged; the child is killed when the parent exits (``PR_SET_PDEATHSIG``
-   on Linux, plus ``atexit``).
+   traceback was logged; the child stops itself when its parent is gone (it watches
+   ``getppid()``), and ``atexit`` stops it on a normal exit.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import signal
 import socket
@@ -63,15 +62,28 @@ def serve(
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
+    if os.environ.get(WATCH_ENV, "").isdigit():
+        _watch_parent(int(os.environ[WATCH_ENV]))
     print(f"{READY_PREFIX}http://{host}:{actual}", flush=True)
     server.run(sockets=[sock])
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child
-    with contextlib.suppress(Exception):
-        import ctypes
+WATCH_ENV = "LABKIT_SERVE_PARENT_PID"
 
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _watch_parent(pid: int) -> None:  # pragma: no cover - runs in the child
+    """Interrupt this server when the process that started it is gone."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != pid:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="labkit-parent-watch", daemon=True).start()
 
 
 class ChatServer:
@@ -136,6 +148,7 @@ class ChatServer:
     def start(self) -> ChatServer:
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[WATCH_ENV] = str(os.getpid())
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             self.command(),
@@ -143,7 +156,6 @@ class ChatServer:
             stderr=log,
             text=True,
             env=env,
-            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
         )
         log.close()
         atexit.register(self.stop)
