@@ -20,7 +20,13 @@ Notes on deliberate choices:
 4. Prefix caching is llama-cpp's KV reuse of the longest common prefix with the
    previous prompt. The number of reused tokens is computed before decoding and
    reported; ``cache=False`` resets the context first, so TTFT can be measured cold.
-5. The sim engine sleeps to absolute ``perf_counter`` deadlines measured from the
+5. llama.cpp's CPU backend is built with OpenMP here, whose threads spin while
+   waiting. When the cores are shared (other servers, tests, notebooks), spinning
+   threads starve each other and decoding collapses by an order of magnitude;
+   ``OMP_WAIT_POLICY=PASSIVE`` (set before llama-cpp is first imported, unless the
+   user set it) makes them sleep instead. ``benchmarks/local_api.py`` measures the
+   in-process baseline under the same policy.
+6. The sim engine sleeps to absolute ``perf_counter`` deadlines measured from the
    request's arrival (never cumulative sleeps), and, while few streams are active,
    spends the last 2 ms before a deadline yielding to the loop instead of trusting
    the loop's millisecond timer, so the first delta leaves on time.
@@ -368,7 +374,7 @@ _TEXT = (
 )
 _WORDS = _TEXT.split()
 
-_SPIN_S = 0.002  # last stretch before a deadline spent yielding, not sleeping (note 5)
+_SPIN_S = 0.002  # last stretch before a deadline spent yielding, not sleeping (note 6)
 _PRECISE_MAX_STREAMS = 4
 
 
@@ -557,6 +563,7 @@ class LlamaEngine:
         path: str | Path | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # note 5
         from llama_cpp import Llama
 
         threads = n_threads or available_cores()
