@@ -889,6 +889,8 @@ class Prompt:
     """The user message."""
     max_tokens: int
     """Cap on the reply, sized to the output length this prompt aims for."""
+    system: str | None = None
+    """Optional system prompt (e.g. a long shared prefix for the caching experiment)."""
 
 
 def default_prompts_path() -> Path:
@@ -917,7 +919,8 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
             continue
         try:
             d = json.loads(line)
-            prompts.append(Prompt(str(d["id"]), str(d["prompt"]), int(d["max_tokens"])))
+            prompts.append(Prompt(str(d["id"]), str(d["prompt"]), int(d["max_tokens"]),
+                                  d.get("system")))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigurationError(
                 f"{p}:{n}: not a prompt line ({exc}).",
@@ -933,11 +936,13 @@ def _request_kwargs(clients: Any, api: str, prompt: Prompt, cache: bool,
     headers = dict(extra_headers or {})
     if not cache and getattr(clients, "provider", "") == "local":
         headers["x-labkit-cache"] = "off"
-    kw: dict[str, Any] = {
-        "model": clients.model,
-        "max_tokens": prompt.max_tokens,
-        "messages": [{"role": "user", "content": prompt.prompt}],
-    }
+    messages: list[dict[str, Any]] = [{"role": "user", "content": prompt.prompt}]
+    kw: dict[str, Any] = {"model": clients.model, "max_tokens": prompt.max_tokens}
+    if prompt.system and api == "anthropic":
+        kw["system"] = prompt.system
+    elif prompt.system:
+        messages.insert(0, {"role": "system", "content": prompt.system})
+    kw["messages"] = messages
     if headers:
         kw["extra_headers"] = headers
     if api == "anthropic":
@@ -1015,7 +1020,7 @@ def run_trials(
     def one(job: tuple[int, Prompt, str]) -> dict[str, Any]:
         trial, prompt, mode = job
         row: dict[str, Any] = {**base, "prompt_id": prompt.id, "max_tokens": prompt.max_tokens,
-                               "trial": trial, "mode": mode}
+                               "trial": trial, "mode": mode, "error": ""}
         if mode == "stream":
             row.update(measure_stream(clients, prompt, api=api, cache=cache,
                                       extra_headers=extra_headers).row())
