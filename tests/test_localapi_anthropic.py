@@ -255,3 +255,12 @@ def test_llama_stop_sequence_ends_the_reply(llama_api):
         assert msg.stop_sequence == "," and "," not in msg.content[0].text
     else:  # the model may answer without a comma; then no stop sequence was hit
         assert "," not in msg.content[0].text
+
+
+@pytest.mark.llama
+def test_llama_fixed_seed_repeats_at_nonzero_temperature(llama_api):
+    client = sdk(llama_api)
+    kwargs = {"model": MODEL_ID, "max_tokens": 12, "messages": [{"role": "user", "content": "Tell me a joke."}]}
+    a = client.messages.create(**kwargs, extra_body={"temperature": 0.9, "seed": 7})
+    b = client.messages.create(**kwargs, extra_body={"temperature": 0.9, "seed": 7})
+    assert a.content[0].text == b.content[0].text

@@ -201,8 +201,10 @@ def parse_messages_request(
                 raise _invalid(f"tool_choice.name: no tool named {tool_name!r} in tools")
         if tool_choice in ("any", "tool") and not tools:
             raise _invalid("tool_choice: a forcing tool_choice needs at least one tool in tools")
-    metadata = body.get("metadata") or {}
-    seed = metadata.get("labkit_seed") if isinstance(metadata, dict) else None
+    # the Messages API has no seed; labkit reads one from the body (``extra_body={"seed": 7}``)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _invalid("seed: Input should be a valid integer")
     req = GenerationRequest(
         system=system,
         messages=messages,
@@ -211,7 +213,7 @@ def parse_messages_request(
         top_p=top_p,
         top_k=top_k,
         stop=stop,
-        seed=seed if isinstance(seed, int) else None,
+        seed=seed,
         prefill=prefill,
         tools=tools,
         tool_choice=tool_choice,
