@@ -264,3 +264,44 @@ def test_llama_fixed_seed_repeats_at_nonzero_temperature(llama_api):
     a = client.messages.create(**kwargs, extra_body={"temperature": 0.9, "seed": 7})
     b = client.messages.create(**kwargs, extra_body={"temperature": 0.9, "seed": 7})
     assert a.content[0].text == b.content[0].text
+
+
+def test_sim_text_is_deterministic_per_seed_and_prompt(sim_api):
+    client = sdk(sim_api)
+
+    def text(seed: int, prompt: str = "Say hello.") -> str:
+        msg = client.messages.create(
+            model=MODEL_ID, max_tokens=50, messages=[{"role": "user", "content": prompt}],
+            extra_headers=sim(seed=seed, reply_tokens=12),
+        )
+        return msg.content[0].text
+
+    assert text(1) == text(1)
+    assert text(1) != text(2) or text(1, "Other.") != text(1)
+
+
+@pytest.mark.llama
+def test_llama_serves_concurrent_requests_one_at_a_time_in_order(llama_api):
+    import threading
+
+    client = sdk(llama_api)
+    marks: dict[str, float] = {}
+
+    def run(name: str, delay: float) -> None:
+        time.sleep(delay)
+        with client.messages.stream(
+            model=MODEL_ID, max_tokens=16, messages=[{"role": "user", "content": f"Count to ten, {name}."}],
+            extra_body={"temperature": 0},
+        ) as s:
+            for _ in s.text_stream:
+                marks.setdefault(name + "_first", time.perf_counter())
+        marks[name + "_end"] = time.perf_counter()
+
+    threads = [threading.Thread(target=run, args=("a", 0.0)), threading.Thread(target=run, args=("b", 0.05))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # b arrived while a was decoding: its first token comes only after a finished
+    assert marks["a_first"] < marks["b_first"]
+    assert marks["b_first"] >= marks["a_end"] - 0.05

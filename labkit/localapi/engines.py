@@ -285,7 +285,8 @@ class SimOptions:
     reply_tokens: int = 40
     #: Seed of the text, the jitter and fail_rate.
     seed: int = 0
-    #: Fail with this error type (or ``disconnect``) before any byte is sent.
+    #: Fail with this error type (an HTTP error status) before any byte of the body is
+    #: sent; ``disconnect`` closes the connection right after the response headers.
     fail_before: str | None = None
     #: Fail after this many text deltas (with ``fail_with``).
     fail_after: int | None = None
