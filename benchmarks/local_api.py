@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -36,6 +37,17 @@ def pct(xs: list[float], p: float) -> float:
     k = (len(xs) - 1) * p / 100
     lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_process_trial(llm, tokens: list[int], max_tokens: int) -> tuple[float, float, int]:
@@ -128,10 +140,14 @@ def main() -> None:
         client = anthropic.Anthropic(base_url=api.base_url, api_key="bench", max_retries=0, timeout=300)
         in_process_trial(llm, tokens, args.max_tokens)  # warm-up
         api_trial(client, args.max_tokens)
-        ip, viaapi = [], []
+        ip, viaapi, cpu_ip, cpu_api = [], [], [], []
         for _ in range(args.trials):
+            c0 = own_cpu()
             ip.append(in_process_trial(llm, tokens, args.max_tokens))
+            cpu_ip.append(own_cpu() - c0)
+            c0 = proc_cpu(api.proc.pid)
             viaapi.append(api_trial(client, args.max_tokens))
+            cpu_api.append(proc_cpu(api.proc.pid) - c0)
     del llm
     for name, res in (("in process (llama-cpp-python)", ip), ("local API + Anthropic SDK", viaapi)):
         rates = [r[1] for r in res]
@@ -141,6 +157,9 @@ def main() -> None:
     print(f"{'path':34} {'tokens/s':>9} {'range':>13} {'TTFT ms':>9} {'tokens':>7}")
     for name, tps, ttft, n, lo, hi in rows:
         print(f"{name:34} {tps:9.1f} {lo:6.1f}-{hi:<6.1f} {ttft:9.1f} {n:7d}")
+    cip, capi = statistics.median(cpu_ip), statistics.median(cpu_api)
+    print(f"CPU seconds per generation (median): in process {cip:.2f}, API server process {capi:.2f} "
+          f"({(capi / cip - 1) * 100:+.1f}%; the SDK client's own CPU is not included)")
     ratio = rows[1][1] / rows[0][1]
     print(f"API / in-process decode rate: {ratio * 100:.1f}%  (goal >= 95%: {'met' if ratio >= 0.95 else 'NOT met'})")
     print(f"TTFT added by the API (median difference): {rows[1][2] - rows[0][2]:.1f} ms")
