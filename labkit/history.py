@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ContextBudgetError, InvalidMessageError, UpstreamError
-from .tokens import REPLY_PRIMING, TokenCounter, get_encoding, shared_counter
+from .tokens import REPLY_PRIMING, TokenCounter, get_encoding, message_text, shared_counter
 
 __all__ = [
     "SUMMARY_ACK",
@@ -431,8 +431,6 @@ class Summarise(_Indexed):
 
 
 def _transcript(messages: list[Message]) -> str:
-    from .tokens import message_text
-
     return "\n".join(f"{m['role'].upper()}: {message_text(m)}" for m in messages)
 
 
@@ -779,6 +777,25 @@ class ConversationManager:
         self.last_selection = None
         if isinstance(self.strategy, Summarise):
             self.strategy.reset()
+
+    def load_history(self, messages: list[Message]) -> None:
+        """Replace the history with ``messages`` (e.g. a stored session or a script).
+
+        Roles must alternate user/assistant, starting with the user, ending with the
+        assistant; anything else is an :class:`~labkit.errors.InvalidMessageError`.
+        """
+        roles = [m.get("role") for m in messages]
+        if len(roles) % 2 or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(roles)):
+            raise InvalidMessageError(
+                "A history must alternate user/assistant messages, starting with the user "
+                "and ending with the assistant.",
+                hint="Pass complete turns only (drop a trailing unanswered user message).",
+            )
+        self.clear()
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], str) else message_text(m)
+            self.history.append(Turn(m["role"], content))
+        self._messages = [t.to_message() for t in self.history]
 
     def messages(self) -> list[Message]:
         """The whole history as a messages array (one dict per turn, made once)."""

@@ -423,3 +423,14 @@ def test_summarise_with_a_model_summariser_records_its_usage(sim_clients):
     sel = strat.select([*conversation(3), u("u4 q")])
     assert sel.applied and sel.messages[0]["content"].startswith(SUMMARY_MARKER)
     assert len(used) == strat.calls >= 1 and used[0][0] > 0
+
+
+def test_load_history_accepts_complete_turns_only():
+    conv = ConversationManager(None)
+    conv.load_history(conversation(3))
+    assert conv.turn_count == 3 and conv.messages() == conversation(3)
+    with pytest.raises(InvalidMessageError):
+        conv.load_history([*conversation(2), u("unanswered")])
+    with pytest.raises(InvalidMessageError):
+        conv.load_history([a("starts on the assistant"), u("x")])
+    assert conv.turn_count == 3, "a refused history changes nothing"

@@ -122,3 +122,12 @@ def test_exact_count_refuses_openai_with_a_hint():
     with pytest.raises(ConfigurationError) as info:
         exact_count(OpenAIClients(), [{"role": "user", "content": "hi"}])
     assert "count_messages" in info.value.hint
+
+
+def test_exact_count_asks_the_local_apis_count_tokens_endpoint(sim_clients):
+    short = [{"role": "user", "content": "hello"}]
+    long = [{"role": "user", "content": "hello " * 100}]
+    n_short = exact_count(sim_clients, short)
+    assert n_short > 0
+    assert exact_count(sim_clients, long) > n_short + 50
+    assert exact_count(sim_clients, short, system="You are terse.") > n_short

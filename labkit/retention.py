@@ -1,0 +1,337 @@
+"""The planted-fact benchmark of lab 2: what each context strategy remembers, and at what cost.
+
+A scripted conversation (``data/lab2_conversation.json``) states facts at different
+depths ("my name is Priya", "our staging server is called kestrel"). After the
+conversation, each fact is probed ("What is my name?") with only what the strategy
+would send, and the model's answer is judged.
+
+Notes:
+
+1. **Probing a small model robustly.** A 135M model rarely answers a free question
+   from an earlier turn, so two methods are offered. ``"rank"`` (default on the
+   local API): the probe ends with an assistant prefill ("Your name is") and the
+   model's log-likelihood of each candidate continuation is computed
+   (:func:`labkit.providers.score_candidates`: the prompt is evaluated once, only
+   each candidate's tokens after it); the highest-scoring candidate is the answer.
+   Chance is 1 / number of candidates. ``"prefill"`` (any provider): the same prefill
+   and a short greedy continuation; correct when the answer appears in it.
+2. **Cost** is that of running the whole conversation under the strategy: at every
+   turn t the strategy selects from turns 1..t-1 plus the new user message; the
+   tiktoken estimate of each request is summed (``total_tokens``), plus the
+   summariser's own input and output tokens for :class:`~labkit.history.Summarise`.
+   The scripted replies are not regenerated, so the estimate is the common yardstick.
+3. ``in_context`` says whether the fact's answer text is anywhere in what was sent
+   (the summary included): an upper bound for recall, and a check on the probe.
+4. Strategies are stateful (:class:`Summarise` keeps its running summary), so each
+   run uses the objects it is given from the first turn on; pass fresh ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+from .history import Strategy
+from .tokens import TokenCounter, exact_count, message_text, supports_exact_count
+
+__all__ = [
+    "Fact",
+    "ProbeResult",
+    "ScriptedConversation",
+    "default_probe",
+    "in_context_probe",
+    "load_conversation",
+    "lost_facts_table",
+    "prefill_probe",
+    "rank_probe",
+    "run_retention",
+    "summary_table",
+    "token_growth",
+]
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A fact planted in the conversation, with its probe."""
+
+    #: Short id ("name", "city", ...).
+    id: str
+    #: 1-based turn whose user message states it.
+    turn: int
+    #: The question asked after the conversation.
+    probe: str
+    #: The start of the assistant's answer, continued by the model.
+    prefill: str
+    #: The correct continuation (one of ``candidates``).
+    answer: str
+    #: Candidate continuations, the answer among them.
+    candidates: tuple[str, ...]
+
+
+@dataclass
+class ScriptedConversation:
+    """The lab's scripted conversation and its planted facts."""
+
+    system: str
+    #: (user, assistant) per turn.
+    turns: list[tuple[str, str]]
+    facts: list[Fact]
+    #: Turns after which the benchmark probes (the full script may be longer).
+    retention_turns: int
+
+    def messages(self, n_turns: int | None = None) -> list[Message]:
+        """The first ``n_turns`` turns as a messages array (all turns by default)."""
+        out: list[Message] = []
+        for user, assistant in self.turns[: n_turns if n_turns is not None else len(self.turns)]:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return out
+
+    def facts_within(self, n_turns: int) -> list[Fact]:
+        return [f for f in self.facts if f.turn <= n_turns]
+
+
+def _data_dir() -> Path:
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "data" / "lab2_conversation.json").exists():
+            return p / "data"
+    return Path(__file__).resolve().parents[1] / "data"
+
+
+def load_conversation(path: str | Path | None = None) -> ScriptedConversation:
+    """Load ``data/lab2_conversation.json`` (found from the working directory upwards)."""
+    p = Path(path) if path else _data_dir() / "lab2_conversation.json"
+    if not p.exists():
+        raise ConfigurationError(
+            f"No scripted conversation at {p}.",
+            hint="Run from the labkit checkout (it ships data/lab2_conversation.json).",
+        )
+    raw = json.loads(p.read_text())
+    facts = [
+        Fact(
+            id=f["id"],
+            turn=int(f["turn"]),
+            probe=f["probe"],
+            prefill=f["prefill"],
+            answer=f["answer"],
+            candidates=tuple(f["candidates"]),
+        )
+        for f in raw["facts"]
+    ]
+    turns = [(t["user"], t["assistant"]) for t in raw["turns"]]
+    return ScriptedConversation(raw["system"], turns, facts, int(raw["retention_turns"]))
+
+
+# ── probes ────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class ProbeResult:
+    """One probe's verdict."""
+
+    #: The answer the method picked or generated.
+    said: str
+    correct: bool
+    #: Tokens the provider reported for the probe request (0 when it reports none).
+    input_tokens: int = 0
+
+
+Probe = Callable[[list[Message], str, Fact], ProbeResult]
+
+
+def _with_prefill(messages: list[Message], fact: Fact) -> list[Message]:
+    return [*messages, {"role": "assistant", "content": fact.prefill}]
+
+
+def rank_probe(clients: Any) -> Probe:
+    """Rank the candidates by log-likelihood after the prefill (local API only)."""
+    from .providers import score_candidates
+
+    def probe(messages: list[Message], system: str, fact: Fact) -> ProbeResult:
+        cands = [" " + c for c in fact.candidates]
+        scores = score_candidates(clients, _with_prefill(messages, fact), cands, system=system)
+        best = fact.candidates[max(range(len(scores)), key=scores.__getitem__)]
+        return ProbeResult(best, best == fact.answer)
+
+    return probe
+
+
+def prefill_probe(clients: Any, *, max_tokens: int = 8) -> Probe:
+    """Prefill the answer's start and let the model continue greedily for a few tokens."""
+    from .history import _Backend
+
+    def probe(messages: list[Message], system: str, fact: Fact) -> ProbeResult:
+        backend = _Backend(clients, clients.model, max_tokens, 0.0)
+        sent = _with_prefill(messages, fact) if not backend.openai else messages
+        text, usage = backend.create(system, sent)
+        said = text.strip()
+        return ProbeResult(said, fact.answer.lower() in said.lower(), usage["input_tokens"])
+
+    return probe
+
+
+def default_probe(clients: Any) -> tuple[str, Probe]:
+    """``("rank", ...)`` on the local llama engine, else ``("prefill", ...)`` (note 1)."""
+    if getattr(clients, "provider", "") == "local" and getattr(clients, "engine", "") == "llama":
+        return "rank", rank_probe(clients)
+    return "prefill", prefill_probe(clients)
+
+
+def in_context_probe(messages: list[Message], system: str, fact: Fact) -> ProbeResult:
+    """No model: is the answer's text anywhere in what was sent? (an upper bound)."""
+    sent = "\n".join(message_text(m) for m in messages[:-1])  # not the probe itself
+    present = fact.answer.lower() in sent.lower()
+    return ProbeResult(fact.answer if present else "", present)
+
+
+# ── token growth ──────────────────────────────────────────────────────────────
+
+
+def token_growth(
+    conv: ScriptedConversation,
+    clients: Any = None,
+    *,
+    n_turns: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Tokens of the request sent at each turn when the full history is re-sent.
+
+    The request of turn t is turns 1..t-1 plus user message t. ``estimate`` is
+    labkit's tiktoken estimate (:func:`labkit.tokens.count_messages` convention);
+    ``exact`` the provider's ``count_tokens`` answer when ``clients`` has one
+    (None otherwise).
+    """
+    from tqdm.auto import tqdm
+
+    n = n_turns or len(conv.turns)
+    history = conv.messages(n)
+    counter = TokenCounter()
+    exact_ok = clients is not None and supports_exact_count(clients)
+    rows = []
+    for t in tqdm(range(n), desc="count_tokens", disable=not progress):
+        request = [*history[: 2 * t], history[2 * t]]
+        rows.append(
+            {
+                "turn": t + 1,
+                "estimate": counter.messages(request, conv.system),
+                "exact": exact_count(clients, request, conv.system) if exact_ok else None,
+            }
+        )
+    return rows
+
+
+# ── the benchmark ─────────────────────────────────────────────────────────────
+
+
+def _cost(conv: ScriptedConversation, strategy: Strategy, n_turns: int) -> list[int]:
+    """Estimated prompt tokens of each turn's request under ``strategy`` (note 2)."""
+    history = conv.messages(n_turns)
+    per_turn = []
+    for t in range(n_turns):
+        request = [*history[: 2 * t], history[2 * t]]
+        per_turn.append(strategy.select(request, conv.system).tokens)
+    return per_turn
+
+
+def run_retention(
+    conv: ScriptedConversation,
+    strategies: dict[str, Strategy],
+    probe: Probe,
+    *,
+    n_turns: int | None = None,
+    summariser_usage: dict[str, list[tuple[int, int]]] | None = None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the benchmark; return ``(per_fact_rows, per_strategy_rows)``.
+
+    ``summariser_usage`` maps a strategy label to the list a
+    :func:`~labkit.history.model_summariser` appends ``(input, output)`` tokens to,
+    so the summariser's tokens count in that strategy's total.
+    """
+    from tqdm.auto import tqdm
+
+    n = n_turns or conv.retention_turns
+    facts = conv.facts_within(n)
+    history = conv.messages(n)
+    fact_rows: list[dict[str, Any]] = []
+    strat_rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(strategies) * len(facts), desc="probes", disable=not progress)
+    for label, strategy in strategies.items():
+        t0 = time.perf_counter()
+        per_turn = _cost(conv, strategy, n)
+        cost_s = time.perf_counter() - t0
+        probe_s = 0.0
+        correct = in_ctx = 0
+        probe_tokens: list[int] = []
+        for fact in facts:
+            sel = strategy.select([*history, {"role": "user", "content": fact.probe}], conv.system)
+            t1 = time.perf_counter()
+            res = probe(sel.messages, conv.system, fact)
+            probe_s += time.perf_counter() - t1
+            present = in_context_probe(sel.messages, conv.system, fact).correct
+            correct += res.correct
+            in_ctx += present
+            probe_tokens.append(sel.tokens)
+            fact_rows.append(
+                {
+                    "strategy": label,
+                    "fact": fact.id,
+                    "turn": fact.turn,
+                    "depth_turns": n - fact.turn + 1,
+                    "answer": fact.answer,
+                    "said": res.said,
+                    "correct": bool(res.correct),
+                    "in_context": present,
+                    "probe_tokens": sel.tokens,
+                }
+            )
+            bar.update()
+        summ = (summariser_usage or {}).get(label, [])
+        summ_tokens = sum(i + o for i, o in summ)
+        strat_rows.append(
+            {
+                "strategy": label,
+                "recall": correct / len(facts) if facts else 0.0,
+                "correct": correct,
+                "facts": len(facts),
+                "in_context": in_ctx,
+                "prompt_tokens_per_turn": sum(per_turn) / len(per_turn) if per_turn else 0.0,
+                "probe_prompt_tokens": sum(probe_tokens) / len(probe_tokens) if probe_tokens else 0,
+                "summariser_tokens": summ_tokens,
+                "total_tokens": sum(per_turn) + summ_tokens,
+                "time_s": cost_s + probe_s,
+            }
+        )
+    bar.close()
+    return fact_rows, strat_rows
+
+
+def summary_table(strat_rows: Iterable[dict[str, Any]]) -> Any:
+    """The per-strategy table as a pandas DataFrame, indexed by strategy."""
+    import pandas as pd
+
+    return pd.DataFrame(list(strat_rows)).set_index("strategy")
+
+
+def lost_facts_table(fact_rows: Iterable[dict[str, Any]]) -> Any:
+    """Fact × strategy table: "✓" recalled, "✗" lost (in context but missed), "–" not sent."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(fact_rows))
+
+    def mark(r: Any) -> str:
+        return "✓" if r.correct else ("✗" if r.in_context else "–")
+
+    df["mark"] = df.apply(mark, axis=1)
+    order = list(dict.fromkeys(df["strategy"]))
+    table = df.pivot_table(
+        index=["turn", "fact"], columns="strategy", values="mark", aggfunc="first"
+    )
+    return table[order]
