@@ -177,3 +177,15 @@ def test_metrics_endpoint_is_prometheus_text(sim_api):
     text = httpx.get(sim_api.base_url + "/metrics").text
     assert "# TYPE labkit_streams_cancelled_total counter" in text
     assert "labkit_ttft_seconds_bucket{le=\"+Inf\"}" in text
+
+
+def test_non_streaming_request_abandoned_by_the_client_stops_the_engine(sim_api):
+    before = sim_api.metrics()
+    body = {"model": MODEL_ID, "max_tokens": 1000, "messages": USER}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(sim_api.base_url + "/v1/messages", json=body, timeout=0.3,
+                   headers=sim(reply_tokens=500, itl_ms=20, ttft_ms=0))
+    assert _wait_for(lambda: sim_api.metrics()["labkit_streams_cancelled_total"] == before["labkit_streams_cancelled_total"] + 1)
+    m1 = sim_api.metrics()
+    time.sleep(0.3)
+    assert sim_api.metrics()["labkit_tokens_generated_total"] == m1["labkit_tokens_generated_total"]

@@ -6,9 +6,9 @@ Notes on deliberate choices:
    already formatted as bytes (its cheapest path). It gives keep-alive pings
    (Anthropic ``event: ping`` frames / OpenAI ``: ping`` comments every 15 s, for
    long prompt evaluations), disconnect detection, and ``aclose()`` of the body on
-   disconnect, at close to the cost of a plain ``StreamingResponse`` (see
-   ``../shared/facts.md``: 10,200 vs 12,700 events/s at 300 streams); FastAPI's own
-   ``EventSourceResponse`` costs ~3.5× more CPU per event and is not used.
+   disconnect, at close to the cost of a plain ``StreamingResponse``; FastAPI's own
+   ``EventSourceResponse`` costs several times more CPU per event and is not used
+   (both measured side by side in the project's shared facts).
 2. Request bodies are parsed by hand (``json.loads`` + the wire modules), not by
    FastAPI's pydantic models, so that every rejection carries the API's own error
    body and status instead of FastAPI's 422.
@@ -21,10 +21,15 @@ Notes on deliberate choices:
    that expected event out of the server log.
 5. ``t0`` (request arrival) is stamped by the outermost ASGI middleware; the sim
    engine's deadlines and the TTFT metric start there.
+6. A non-streaming request is watched for a client disconnect every 100 ms while the
+   engine works (uvicorn does not cancel a handler whose client left), so a
+   cancelled ``messages.create`` frees the model as a cancelled stream does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -57,6 +62,7 @@ __all__ = ["MAX_BODY_BYTES", "accepts_model", "create_app"]
 #: Largest request body accepted (the Messages API's limit); larger gets 413.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _PING_SECONDS = 15.0
+_DISCONNECT_POLL_S = 0.1
 
 #: Model id prefixes answered by the local model too, so that a client configured
 #: for a paid provider (LABKIT_PROVIDER=anthropic + ANTHROPIC_BASE_URL) works here.
@@ -248,13 +254,26 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         )
 
     async def non_stream(
-        events: AsyncIterator[Event], collect: Callable[[], Awaitable[dict[str, Any]]]
+        request: Request, events: AsyncIterator[Event], collect: Callable[[], Awaitable[dict[str, Any]]]
     ) -> Response:
+        """Collect the whole reply; stop the engine if the client leaves meanwhile (note 6)."""
+        task = asyncio.ensure_future(collect())
         try:
-            return JSONResponse(await collect())
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return JSONResponse(task.result())
+                if await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    metrics.streams_cancelled += 1
+                    return Response(status_code=499)
         except DropConnection:
             return _drop_response()
         finally:
+            if not task.done():
+                task.cancel()
             await events.aclose()
 
     # ── routes ───────────────────────────────────────────────────────────────
@@ -301,7 +320,7 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 lambda: ServerSentEvent(event="ping", data='{"type": "ping"}'),
             )
         return await non_stream(
-            events, lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first)
+            request, events, lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first)
         )
 
     @api.post("/v1/messages/count_tokens")
@@ -337,7 +356,7 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 lambda: ServerSentEvent(comment="ping"),
             )
         return await non_stream(
-            events, lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first)
+            request, events, lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first)
         )
 
     @api.post("/v1/labkit/score")
