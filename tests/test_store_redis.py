@@ -186,3 +186,13 @@ def test_compare_stores_times_all_three_on_whole_sessions(tmp_path, redis_url):
     }
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert got[("course get_db()", "load")]["n"] == 3
+
+
+def test_a_session_cannot_expire_during_a_locked_turn(redis_store_url):
+    store = open_store(redis_store_url, ttl=1)
+    sid = store.create_session().id
+    with store.turn_lock(sid, lease_s=30):
+        time.sleep(1.5)  # a reply slower than the TTL
+        assert store.append_turn(sid, "slow question", "slow answer") == 1
+    assert 0 < store.ttl_remaining(sid) <= 1  # idle clock restarts after the turn
+    _wait_gone(store, sid, limit_s=5)

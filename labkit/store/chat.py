@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -279,6 +280,9 @@ def _esc(text: str) -> str:
     return escape(text if len(text) <= 300 else text[:297] + "...")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class ChatProcess:
     """``labkit chat`` in a subprocess, stdin piped, its output collected as it arrives.
 
@@ -292,7 +296,8 @@ class ChatProcess:
         import threading
 
         cmd = [sys.executable, "-m", "labkit.cli", "chat", *args]
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+        full_env.pop("FORCE_COLOR", None)  # Jupyter kernels set it; we parse plain text
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -313,8 +318,8 @@ class ChatProcess:
 
     @property
     def output(self) -> str:
-        """Everything the process printed so far (stdout and stderr)."""
-        return "".join(self._chunks)
+        """Everything the process printed so far (stdout and stderr), without ANSI styles."""
+        return _ANSI.sub("", "".join(self._chunks))
 
     @property
     def session_id(self) -> str | None:

@@ -22,7 +22,9 @@ Notes:
    headless list), and it costs one round trip where ``WATCH``+``MULTI`` costs three.
    Reads and deletes, which need no condition, are ``MULTI``/``EXEC`` pipelines.
 3. Sliding expiry: every write re-arms the TTL of every key of the session; with
-   ``refresh_on_read=True`` reads do too. ``ttl=0`` means never expire.
+   ``refresh_on_read=True`` reads do too. ``ttl=0`` means never expire. While a
+   ``turn_lock`` is held the session cannot expire (its TTL is stretched to the
+   lease), so a reply slower than the TTL does not lose its session mid-turn.
 4. A dead or unreachable server is a :class:`StoreUnavailableError` within about a
    second, never a hang: connect and read timeouts are bounded and only a broken
    connection is retried (once, for a pooled connection the server closed).
@@ -506,12 +508,23 @@ class RedisStore(SessionStore):
         token = lock_token()
         lock = self._lock_key(session_id)
 
+        lease_ms = max(1, int(lease_s * 1000))
+
         def acquire() -> list[Any]:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.exists(self._meta_key(session_id))
-                pipe.set(lock, token, nx=True, px=max(1, int(lease_s * 1000)))
+                pipe.set(lock, token, nx=True, px=lease_ms)
                 pipe.get(lock)
                 return pipe.execute()
+
+        def keep_alive(ms: int) -> None:
+            # A turn in progress is activity: the session must not expire under it.
+            if self.ttl:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.pexpire(self._meta_key(session_id), ms)
+                    pipe.pexpire(self._turns_key(session_id), ms)
+                    pipe.zadd(self._index, {session_id: time.time() + ms / 1000})
+                    pipe.execute()
 
         exists, got, holder = self._call(acquire)
         if exists and not got and holder_is_dead(holder):
@@ -524,12 +537,15 @@ class RedisStore(SessionStore):
             raise SessionNotFoundError(session_id)
         if not got:
             raise SessionBusyError(f"Session {session_id!r} is busy with another turn.")
+        self._call(lambda: keep_alive(max(self._ttl_ms(), lease_ms)))
         try:
             yield
         finally:
             # Only delete the lock if it is still ours (it may have expired and been
-            # taken by someone else meanwhile).
-            self._call(lambda: self._release(keys=[self._lock_key(session_id)], args=[token]))
+            # taken by someone else meanwhile); the idle clock restarts now.
+            self._call(lambda: self._release(keys=[lock], args=[token]))
+            if self.exists(session_id):
+                self._call(lambda: keep_alive(self._ttl_ms()))
 
     def close(self) -> None:
         self.redis.close()
