@@ -26,7 +26,7 @@ class Metrics:
     active_streams: int = 0
     #: Streams that ran to message_stop / [DONE].
     streams_completed: int = 0
-    #: Streams ended because the client went away before the end.
+    #: Responses (streamed or not) ended because the client went away before the end.
     streams_cancelled: int = 0
     #: Streams ended by an error (injected or real) after the headers were sent.
     streams_failed: int = 0
