@@ -125,8 +125,30 @@ def sim_clients(sim_api: object) -> object:
 # (owned by the server area)
 
 
+SIM_DEFAULTS = {"ttft_ms": 5, "itl_ms": 1, "reply_tokens": 12, "seed": 7}
+
+
+@pytest.fixture(scope="session")
+def chat_sim():
+    """One sim-engine local API with the chat server tests' default options, shared."""
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer(engine="sim", **SIM_DEFAULTS) as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def slow_sim():
+    """A shared sim whose replies take a while (60 tokens x 30 ms): for disconnects and
+    concurrent requests."""
+    from labkit.localapi import LocalAPIServer
+
+    with LocalAPIServer(engine="sim", **{**SIM_DEFAULTS, "itl_ms": 30, "reply_tokens": 60}) as api:
+        yield api
+
+
 @pytest.fixture
-def make_sim():
+def make_sim(chat_sim):
     """Start sim-engine local APIs (``make_sim(itl_ms=50, fail_after=3, ...)``); all
     are stopped at teardown. Returns the started ``LocalAPIServer``."""
     from labkit.localapi import LocalAPIServer
@@ -134,8 +156,9 @@ def make_sim():
     started = []
 
     def make(**opts):
-        opts = {"ttft_ms": 5, "itl_ms": 1, "reply_tokens": 12, "seed": 7, **opts}
-        api = LocalAPIServer(engine="sim", **opts)
+        if not opts:
+            return chat_sim
+        api = LocalAPIServer(engine="sim", **{**SIM_DEFAULTS, **opts})
         api.start()
         started.append(api)
         return api

@@ -174,9 +174,9 @@ def _metric(api, name: str) -> float:
 
 
 def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(
-    sim_api, slow_sim, make_chat
+    chat_sim, slow_sim, make_chat
 ):
-    fast = make_chat(sim_api)
+    fast = make_chat(chat_sim)
     slow = make_chat(slow_sim)  # same store
     with ChatClient(fast.url) as f, ChatClient(slow.url) as c:
         sid = f.chat("new", "first")["session_id"]

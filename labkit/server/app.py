@@ -50,10 +50,13 @@ Notes (deliberate choices):
    wrong fields (422), empty message (422), message over ``max_message_chars`` (413).
    Every error body is ``{"error": <type>, "message": <what is wrong>, "hint": <what
    to do>}``.
-7. **The store is synchronous; the server is not.** Store calls run on one dedicated
-   thread (one hop per phase of a turn: prepare, then commit), so a slow disk or Redis
-   never stalls the event loop that relays other streams, and SQLite sees one writer
-   per process.
+7. **Where store calls run.** The store is synchronous. SQLite calls (WAL, no fsync
+   per commit) take a fraction of a millisecond, less than handing them to a thread
+   under load costs (the worker must win the GIL from a busy event loop, up to the
+   5 ms switch interval per hand-off), so with SQLite they run inline on the event
+   loop. Redis calls wait on the network, so with Redis they run on one dedicated
+   store thread (one hop per phase of a turn: prepare, commit, release), and a slow
+   Redis never stalls the loop that relays other streams. ``store_io`` overrides it.
 8. **Upstream** is the official async SDK: ``AsyncAnthropic.messages.stream`` (the
    default; providers ``local`` and ``anthropic``) or ``AsyncOpenAI.chat.completions``
    (provider ``openai``). The stored reply is taken from ``get_final_message()``, never
@@ -140,6 +143,9 @@ class Settings:
     max_upstream_connections: int = 4096
     #: Seconds between SSE keep-alive comments.
     ping_seconds: float = 15.0
+    #: Where store calls run: "inline" (on the event loop), "thread" (one store thread),
+    #: or "auto" (inline for SQLite, a thread for Redis; note 7).
+    store_io: str = "auto"
     #: Lease of the per-session turn lock (a crashed server blocks a session at most this long).
     turn_lease_seconds: float = 300.0
 
@@ -514,8 +520,11 @@ class ChatService:
         self.store: Any = None
         self.upstream: Upstream | None = None
         self._busy: set[str] = set()
+        self._inline = False  # decided in start() (note 7)
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._inline:
+            return fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
@@ -524,7 +533,26 @@ class ChatService:
 
         s = self.settings
         self.store = await self._io(open_store, s.store_url, ttl=s.store_ttl)
+        mode = s.store_io
+        if mode == "auto":
+            mode = "inline" if str(self.store.url).startswith("sqlite") else "thread"
+        self._inline = mode == "inline"
         self.upstream = await asyncio.to_thread(Upstream, s)
+        await asyncio.to_thread(self._warm_up)
+
+    def _warm_up(self) -> None:
+        """Pay one-time costs now, not on the first requests: the tokenizer load, the
+        lazy imports of the turn path, and the SDK client with its connection pool."""
+        from ..history import KeepLastTurns
+        from ..store import new_session_id, validate_session_id
+
+        validate_session_id(new_session_id())
+        KeepLastTurns(self.settings.context_budget, self.settings.keep_turns).select(
+            [{"role": "user", "content": "warm up"}]
+        )
+        assert self.upstream is not None
+        self.upstream._client()
+        classify_upstream(RuntimeError("warm up"))
 
     async def stop(self) -> None:
         if self.upstream is not None:
@@ -652,6 +680,9 @@ class ChatService:
             return
         turn.released = True
         self._busy.discard(turn.session_id)
+        if self._inline:
+            _quiet(turn.release)()
+            return
         fut = asyncio.get_running_loop().run_in_executor(self._pool, _quiet(turn.release))
         # Shielded: a cancelled request must still release its lock.
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,339 @@
+"""The chat API under load, side by side with a minimal server written the course's way.
+
+One run, one machine, one sim-engine upstream (``labkit local-api --engine sim``):
+
+- **labkit**: ``labkit serve`` (sse-starlette, pings, persistence of every turn in
+  SQLite, per-session lock, context rule), each stream a new session;
+- **course**: the course's ``StreamingResponse`` with a hand-formatted ``data:``
+  generator relaying ``AsyncAnthropic.messages.stream(...).text_stream`` (no
+  sessions, no persistence, no pings), same upstream, same uvicorn;
+- **direct** (TTFT only): calling the upstream's ``/v1/messages`` directly.
+
+Figures printed:
+
+1. *Added TTFT*: time to the first text delta through each server minus calling the
+   upstream directly, sequential requests interleaved round-robin (p50/p99).
+   Goal: labkit adds ≤ 3 ms at p50.
+2. *Concurrency*: at 100, 300 and 1,000 concurrent streams with a 100 ms upstream
+   ITL, per server: errors, text events per second, and per-stream ITL (mean gap
+   between text events at the client) with its inflation over the upstream's 100 ms.
+   Goal: 0 errors at 1,000; labkit's ITL inflation no worse than the course's.
+
+The client load runs in a separate process (aiohttp), on loopback, bounded by the
+stream count. Servers run one at a time against the same upstream.
+
+Usage: ``python benchmarks/chat_api.py [--levels 100,300,1000] [--ttft-n 200] [--quick]``
+
+(No ``from __future__ import annotations`` here: the course-style app declares its
+request model inside a function, and FastAPI must resolve the annotation at runtime.)
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+UPSTREAM_ITL_MS = 100.0
+MODEL = "smollm2-135m-instruct"
+
+
+# ── the course-style server (run with --course-server) ────────────────────────
+
+
+def course_app(base_url: str) -> Any:
+    """The course's 'FastAPI Streaming Endpoint — SSE Pattern', pointed at base_url."""
+    import anthropic
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from pydantic import BaseModel
+
+    app = FastAPI()
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key="sk-local")
+
+    class ChatRequest(BaseModel):
+        message: str
+        session_id: str = "default"
+
+    @app.post("/chat/stream/{session_id}")
+    async def chat_stream(session_id: str, request: ChatRequest) -> StreamingResponse:
+        async def generate():
+            async with client.messages.stream(
+                model=MODEL,
+                max_tokens=2048,
+                messages=[{"role": "user", "content": request.message}],
+            ) as stream:
+                async for text in stream.text_stream:
+                    yield f"data: {json.dumps({'text': text})}\n\n"
+                final = await stream.get_final_message()
+                yield f"data: {json.dumps({'done': True, 'usage': {'input': final.usage.input_tokens, 'output': final.usage.output_tokens}})}\n\n"
+
+        return StreamingResponse(
+            generate(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def run_course_server(base_url: str) -> None:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    print(f"labkit serve: listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(course_app(base_url), access_log=False, log_level="warning", backlog=2048)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class CourseServer:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> "CourseServer":
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--course-server", self.base_url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.url = line.rsplit(" ", 1)[1].strip()
+        import httpx
+
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# ── the client load (run with --client) ───────────────────────────────────────
+
+
+async def _one_stream(session: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed request; times of the first text event and of every text event."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    out: dict[str, Any] = {"ok": False, "error": None}
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            else:
+                done = False
+                async for line in resp.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    now = time.perf_counter()
+                    data = json.loads(line[6:])
+                    if "text" in data or data.get("type") == "content_block_delta":
+                        times.append(now)
+                    elif "error" in data:
+                        out["error"] = str(data["error"])
+                    elif data.get("done") or data.get("type") == "message_stop":
+                        done = True
+                out["ok"] = done and out["error"] is None
+                if not done and out["error"] is None:
+                    out["error"] = "no done event"
+    except Exception as exc:  # counted, not raised: this is a load test
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["ttft"] = (times[0] - t0) if times else None
+    out["itl"] = ((times[-1] - times[0]) / (len(times) - 1)) if len(times) > 1 else None
+    out["events"] = len(times)
+    out["start"], out["end"] = t0, time.perf_counter()
+    return out
+
+
+def _target(kind: str, url: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+    if kind == "direct":
+        body = {"model": MODEL, "max_tokens": 2048, "stream": True,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        headers = {"x-api-key": "sk-local", "anthropic-version": "2023-06-01"}
+        return url + "/v1/messages", body, headers
+    return url + "/chat/stream/new", {"message": "Hello"}, {}
+
+
+async def client_ttft(targets: dict[str, str], n: int) -> dict[str, list[float]]:
+    import aiohttp
+
+    res: dict[str, list[float]] = {k: [] for k in targets}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        for i in range(n + 5):
+            for kind, base in targets.items():
+                url, body, headers = _target(kind, base)
+                s.headers.clear()
+                s.headers.update(headers)
+                r = await _one_stream(s, url, body)
+                if r["error"]:
+                    raise RuntimeError(f"{kind}: {r['error']}")
+                if i >= 5 and r["ttft"] is not None:  # 5 warm-up rounds
+                    res[kind].append(r["ttft"] * 1000)
+    return res
+
+
+async def client_load(kind: str, base: str, concurrency: int) -> dict[str, Any]:
+    import aiohttp
+
+    url, body, headers = _target(kind, base)
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=conn, headers=headers, timeout=aiohttp.ClientTimeout(total=120)
+    ) as s:
+        # Warm-up burst, not counted: lazy imports, connection pools, first-call caches.
+        await asyncio.gather(*(_one_stream(s, url, body) for _ in range(min(concurrency, 50))))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_one_stream(s, url, body) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    errors = [r["error"] for r in results if not r["ok"]]
+    itls = sorted(r["itl"] * 1000 for r in results if r["ok"] and r["itl"] is not None)
+    events = sum(r["events"] for r in results)
+    first = min(r["start"] for r in results)
+    last = max(r["end"] for r in results)
+    return {
+        "errors": len(errors),
+        "error_kinds": sorted(set(map(str, errors)))[:3],
+        "events": events,
+        "events_per_s": events / max(last - first, 1e-9),
+        "wall_s": wall,
+        "itl_p50": _pct(itls, 50),
+        "itl_p99": _pct(itls, 99),
+        "ttft_p50": _pct(sorted(r["ttft"] * 1000 for r in results if r["ttft"]), 50),
+    }
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def run_client(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if spec["mode"] == "ttft":
+        return asyncio.run(client_ttft(spec["targets"], spec["n"]))
+    return asyncio.run(client_load(spec["kind"], spec["url"], spec["concurrency"]))
+
+
+def in_client_process(spec: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"client process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ── orchestration ─────────────────────────────────────────────────────────────
+
+
+def _settle(api: Any) -> None:
+    """Wait until the upstream has no stream left (a previous level's tail)."""
+    for _ in range(200):
+        if api.metrics().get("labkit_active_streams", 0) == 0:
+            return
+        time.sleep(0.05)
+
+
+def main() -> None:
+    from labkit.localapi import LocalAPIServer
+    from labkit.results import quick
+    from labkit.server import ChatServer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="100,300,1000")
+    ap.add_argument("--ttft-n", type=int, default=200)
+    ap.add_argument("--reply-tokens", type=int, default=20)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick or quick():
+        args.ttft_n, args.levels, args.reply_tokens = 30, "100,300", 10
+    levels = [int(x) for x in args.levels.split(",")]
+    tmp = tempfile.mkdtemp(prefix="labkit-bench-")
+    print(f"benchmarks/chat_api.py — {os.cpu_count()} CPUs; servers one at a time; client in its own process")
+
+    # 1. Added TTFT ---------------------------------------------------------------
+    with (
+        LocalAPIServer(engine="sim", ttft_ms=20, itl_ms=5, reply_tokens=5, seed=1) as api,
+        ChatServer(store_url=f"sqlite:///{tmp}/ttft.db", provider="local",
+                   base_url=api.base_url, max_retries=0) as lab,
+        CourseServer(api.base_url) as course,
+    ):
+        res = in_client_process({"mode": "ttft", "n": args.ttft_n, "targets": {
+                "direct": api.base_url, "course": course.url, "labkit": lab.url}})
+    d50, d99 = _pct(res["direct"], 50), _pct(res["direct"], 99)
+    print(f"\n1. TTFT added over calling the upstream directly (sim TTFT 20 ms, n={args.ttft_n} each, interleaved)")
+    print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>12}{'added p99':>12}")
+    for kind in ("direct", "course", "labkit"):
+        p50, p99 = _pct(res[kind], 50), _pct(res[kind], 99)
+        extra = f"{p50 - d50:>12.2f}{p99 - d99:>12.2f}" if kind != "direct" else ""
+        print(f"{kind:10}{p50:>10.2f}{p99:>10.2f}{extra}")
+    added = _pct(res["labkit"], 50) - d50
+    print(f"goal: labkit added TTFT p50 <= 3 ms -> {added:.2f} ms: {'met' if added <= 3 else 'NOT met'}")
+
+    # 2. Concurrency ---------------------------------------------------------------
+    print(f"\n2. Concurrent streams, upstream ITL {UPSTREAM_ITL_MS:.0f} ms, {args.reply_tokens} tokens a reply")
+    print(f"{'streams':>8} {'server':8}{'errors':>8}{'events/s':>10}{'ITL p50':>9}{'ITL p99':>9}"
+          f"{'infl p50':>10}{'infl p99':>10}{'TTFT p50':>10}")
+    verdicts = []
+    with LocalAPIServer(engine="sim", ttft_ms=100, itl_ms=UPSTREAM_ITL_MS,
+                        reply_tokens=args.reply_tokens, seed=1) as api:
+        for n in levels:
+            row = {}
+            for kind in ("course", "labkit"):
+                _settle(api)
+                if kind == "course":
+                    with CourseServer(api.base_url) as srv:
+                        r = in_client_process({"mode": "load", "kind": kind, "url": srv.url, "concurrency": n})
+                else:
+                    with ChatServer(store_url=f"sqlite:///{tmp}/load-{n}.db", provider="local",
+                                    base_url=api.base_url, max_retries=0) as srv:
+                        r = in_client_process({"mode": "load", "kind": kind, "url": srv.url, "concurrency": n})
+                row[kind] = r
+                print(f"{n:>8} {kind:8}{r['errors']:>8}{r['events_per_s']:>10.0f}{r['itl_p50']:>9.1f}"
+                      f"{r['itl_p99']:>9.1f}{r['itl_p50'] - UPSTREAM_ITL_MS:>10.1f}"
+                      f"{r['itl_p99'] - UPSTREAM_ITL_MS:>10.1f}{r['ttft_p50']:>10.1f}"
+                      + (f"  {r['error_kinds']}" if r["errors"] else ""))
+            lab, cou = row["labkit"], row["course"]
+            verdicts.append((n, lab["errors"], lab["itl_p50"] <= cou["itl_p50"] + 1.0))
+    print()
+    for n, errs, ok in verdicts:
+        print(f"goal at {n:>5} streams: labkit errors {errs}; ITL p50 inflation no worse than course "
+              f"(1 ms tolerance): {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--course-server":
+        run_course_server(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--client":
+        print(json.dumps(run_client(json.loads(sys.argv[2]))))
+    else:
+        main()
