@@ -49,3 +49,12 @@ def test_public_api_names_exist():
 
     missing = [name for name in labkit.__all__ if not hasattr(labkit, name)]
     assert missing == []
+
+
+def test_makefile_builds_the_llama_cpp_version_pyproject_pins():
+    pinned = next(
+        r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if _name(r) == "llama-cpp-python"
+    )
+    built = re.search(r"^LLAMA_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert built and pinned == f"llama-cpp-python=={built.group(1)}"

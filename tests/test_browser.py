@@ -1,0 +1,94 @@
+"""The chat page (``GET /``) in a real browser: Debian's Chromium, headless, driven by
+Playwright (never ``playwright install``: no browser is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("LABKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture
+def page():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"No Chromium at {CHROMIUM}: run `apt-get install -y chromium` (.ci/run does) "
+            "or set LABKIT_CHROMIUM to a Chromium binary."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        yield pg
+        context.close()
+        browser.close()
+
+
+def _send(page, text: str) -> str:
+    """Type a message, press Enter, wait for the streamed reply to finish; return it."""
+    before = page.locator(".msg.assistant[data-done]").count()
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    page.wait_for_function(
+        "n => document.querySelectorAll('.msg.assistant[data-done]').length > n", arg=before
+    )
+    return page.locator(".msg.assistant").nth(before).inner_text()
+
+
+def _tokens_in(page, index: int) -> int:
+    meta = page.locator(".meta").nth(index).inner_text()  # "tokens in N / out M"
+    return int(meta.split("tokens in ")[1].split(" ")[0])
+
+
+def test_page_streams_replies_sends_context_and_resumes_after_reload(page, make_sim, make_chat):
+    # A slow sim (40 ms between deltas) so the page is seen mid-stream.
+    slow = make_sim(itl_ms=40, reply_tokens=25)
+    server = make_chat(slow, max_message_chars=1000)
+    page_url = server.url + "/"
+    pg = page
+    pg.goto(page_url)
+    assert pg.locator("#session").inner_text() == "new"
+
+    # 1. The first reply streams: seen partly written before it is done.
+    pg.fill("#message", "Hi, my name is Priya.")
+    pg.press("#message", "Enter")
+    pg.wait_for_selector(".msg.assistant[data-streaming]")
+    pg.wait_for_function(
+        "() => { const r = document.querySelector('.msg.assistant');"
+        " return r.dataset.streaming && r.textContent.split(' ').length >= 3; }"
+    )
+    partial = pg.locator(".msg.assistant").first.inner_text()
+    pg.wait_for_selector(".msg.assistant[data-done]")
+    first = pg.locator(".msg.assistant").first.inner_text()
+    assert partial and first.startswith(partial.strip()) and len(first) > len(partial)
+    session_id = pg.locator("#session").inner_text()
+    assert len(session_id) == 32
+
+    # 2. The second turn is sent with the first one as context: the upstream's
+    # input tokens (shown under each reply) include the whole first turn.
+    second = _send(pg, "What is my name?")
+    assert second
+    assert _tokens_in(pg, 1) > _tokens_in(pg, 0) + 25  # first question + 25-token reply
+
+    # 3. A reload resumes the session from the server's history.
+    pg.reload()
+    pg.wait_for_selector(".meta >> text=resumed session with 2 turns")
+    assert pg.locator("#session").inner_text() == session_id
+    texts = pg.locator(".msg.user, .msg.assistant").all_inner_texts()
+    assert texts == ["Hi, my name is Priya.", first, "What is my name?", second]
+
+    # 4. An error is shown, not swallowed: a message over the server's limit.
+    pg.fill("#message", "x" * 1001)
+    pg.press("#message", "Enter")
+    err = pg.wait_for_selector(".error").inner_text()
+    assert err.startswith("message_too_long: ") and "1,000" in err, err
+    assert pg.locator(".msg.assistant").count() == 2  # the failed reply was removed
