@@ -5,7 +5,8 @@ Notes:
 1. Each notebook runs in a fresh kernel with ``notebooks/`` as its working
    directory, in file-name order, and stops the run at the first failing cell
    (the error and the cell are printed; the notebook on disk is left as it was).
-2. Outputs are saved in place; notebook and cell metadata that change from run to
+2. Outputs are saved in place; text printed piece by piece (a streamed reply) is
+   joined into one output, and notebook and cell metadata that change from run to
    run (timings, widget state, kernel details) are stripped so diffs show content.
 3. After the notebooks, ``results/SUMMARY.md`` is regenerated from each lab's
    headline table (see :mod:`labkit.results`).
@@ -47,6 +48,7 @@ def run_notebook(path: Path, *, timeout: int = 1800) -> float:
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -60,6 +62,7 @@ def run_notebook(path: Path, *, timeout: int = 1800) -> float:
             f"{path.name} failed:\n{exc}",
             hint=f"Open {path} in Jupyter and run it to see the failing cell in context.",
         ) from None
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})  # one output per printed block
     strip_metadata(nb)
     nbformat.write(nb, path)
     return time.perf_counter() - start

@@ -308,3 +308,18 @@ def test_bad_input_on_an_existing_session_leaves_it_unchanged(make_sim, make_cha
             assert 400 <= r.status_code < 500
         assert c.history(sid) == before
         assert c.stream(sid, "still works").done["stored"]  # and no lock was leaked
+
+
+@pytest.mark.llama
+def test_input_tokens_count_the_cached_prefix_of_the_real_model(llama_api, make_chat):
+    """The local llama engine reports cache reads apart from input_tokens, as Anthropic
+    does; the chat API's usage.input still counts every prompt token sent."""
+    server = make_chat(llama_api, temperature=0, max_tokens=16)
+    with ChatClient(server.url, timeout=120) as c:
+        first = c.stream("new", "Hi, I am learning about streaming.").done
+        second = c.stream(first["session_id"], "What is SSE?").done
+    assert first["stored"] and second["stored"]
+    assert second["usage"]["cached"] > 0  # the first turn's prompt was reused
+    assert second["usage"]["input"] > first["usage"]["input"] + first["usage"]["output"]
+    stats = ChatClient(server.url).stats(first["session_id"])
+    assert stats["input_tokens"] == first["usage"]["input"] + second["usage"]["input"]

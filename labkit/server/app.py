@@ -5,7 +5,7 @@
 - ``POST /chat/stream/{session_id}`` — one turn as SSE; ``session_id = "new"`` starts a
   session. Events (one JSON object per ``data:`` line, as the course's clients read
   them): ``{"session_id"}`` first, ``{"text"}`` deltas, then ``{"done": true, "usage":
-  {"input", "output"}, "session_id", "context", "turn_count", "stored"}``; a failure
+  {"input", "output", "cached"}, "session_id", "context", "turn_count", "stored"}``; a failure
   is ``{"error": "<type>", "message", "hint"}`` followed by the done event.
 - ``POST /chat/{session_id}`` — the same turn as JSON ``{session_id, reply, turn_count,
   usage, context}``.
@@ -165,10 +165,12 @@ class ChatRequest(BaseModel):
 
 
 class Usage(BaseModel):
-    #: Input (prompt) tokens reported by the upstream.
+    #: Prompt tokens the upstream read, cached or not (grows with the history sent).
     input: int = 0
     #: Output tokens reported by the upstream.
     output: int = 0
+    #: Of ``input``, tokens served from the upstream's prompt cache.
+    cached: int = 0
 
 
 class ChatReply(BaseModel):
@@ -345,12 +347,23 @@ class UpstreamResult:
 
     #: The reply text, from the SDK's final message.
     reply: str
-    #: Input tokens reported by the upstream.
+    #: Prompt tokens the upstream read for this turn, cached or not (Anthropic:
+    #: ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``;
+    #: OpenAI: ``prompt_tokens``), so the figure grows with the history sent.
     input_tokens: int
     #: Output tokens reported by the upstream.
     output_tokens: int
     #: Why generation stopped (end_turn, max_tokens, ...).
     stop_reason: str | None
+    #: Of ``input_tokens``, those served from the upstream's prompt cache.
+    cached_tokens: int = 0
+
+
+def _anthropic_input(usage: Any) -> tuple[int, int]:
+    """(all prompt tokens, cache reads) of an Anthropic ``Usage``."""
+    cached = getattr(usage, "cache_read_input_tokens", 0) or 0
+    created = getattr(usage, "cache_creation_input_tokens", 0) or 0
+    return (usage.input_tokens or 0) + cached + created, cached
 
 
 class _AnthropicStream:
@@ -361,15 +374,14 @@ class _AnthropicStream:
     async def result(self) -> UpstreamResult:
         msg = await self._stream.get_final_message()
         reply = "".join(b.text for b in msg.content if getattr(b, "type", "") == "text")
-        return UpstreamResult(
-            reply, msg.usage.input_tokens or 0, msg.usage.output_tokens or 0, msg.stop_reason
-        )
+        total, cached = _anthropic_input(msg.usage)
+        return UpstreamResult(reply, total, msg.usage.output_tokens or 0, msg.stop_reason, cached)
 
     def partial_usage(self) -> tuple[int, int]:
         snap = getattr(self._stream, "current_message_snapshot", None)
         if snap is None:
             return 0, 0
-        return snap.usage.input_tokens or 0, snap.usage.output_tokens or 0
+        return _anthropic_input(snap.usage)[0], snap.usage.output_tokens or 0
 
 
 class _OpenAIStream:
@@ -394,11 +406,13 @@ class _OpenAIStream:
 
     async def result(self) -> UpstreamResult:
         u = self._usage
+        details = getattr(u, "prompt_tokens_details", None)
         return UpstreamResult(
             "".join(self._parts),
             getattr(u, "prompt_tokens", 0) or 0,
             getattr(u, "completion_tokens", 0) or 0,
             self._finish,
+            getattr(details, "cached_tokens", 0) or 0,
         )
 
     def partial_usage(self) -> tuple[int, int]:
@@ -703,7 +717,11 @@ class ChatService:
                     if text:
                         yield {"text": text}
                 result = await stream.result()
-            usage = {"input": result.input_tokens, "output": result.output_tokens}
+            usage = {
+                "input": result.input_tokens,
+                "output": result.output_tokens,
+                "cached": result.cached_tokens,
+            }
             if not result.reply.strip():
                 raise _EmptyReply()
             meta = {"context": turn.context, "stop_reason": result.stop_reason}
