@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.labkit-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 PYTEST_ARGS ?=
 
-.PHONY: help install labs test test-fast lint bench clean
+.PHONY: help install labs test test-fast lint bench peer browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,7 +49,17 @@ install: $(STAMP)  ## create .venv and install labkit with its test tools
 labs: $(STAMP)  ## run every notebook top to bottom on the offline default; write results/
 	$(VENV)/bin/labkit labs
 
-test: $(STAMP)  ## run the whole test suite, notebooks included (nbval)
+# The browser test drives Debian's Chromium (never a downloaded browser). As root with apt
+# (CI, a fresh container) it is installed here; otherwise the test says how to get it.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's Chromium for the browser test..."; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no chromium on PATH; the browser test will fail (apt-get install chromium)"; fi; }
+
+test: $(STAMP) browser-deps  ## run the whole test suite, notebooks included (nbval)
 	$(VENV)/bin/ruff check labkit tests benchmarks
 	LABKIT_QUICK=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
 
@@ -60,8 +70,17 @@ lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check labkit tests benchmarks
 	$(VENV)/bin/ruff format --check labkit tests benchmarks
 
-bench: $(STAMP)  ## run every benchmark script and print its figures
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+# Peer tools the benchmarks compare against: LangChain's trim_messages (in .venv) and NVIDIA
+# AIPerf (in a venv of its own: it pins its own dependencies).
+PEER_VENV ?= $(HOME)/.cache/labkit/peer-venv
+peer: $(STAMP)  ## install the peer tools the benchmarks compare with (LangChain, AIPerf)
+	$(PY) -m pip install --progress-bar off "langchain-core>=0.3"
+	test -x $(PEER_VENV)/bin/aiperf || { python3 -m venv $(PEER_VENV) && \
+	  $(PEER_VENV)/bin/pip install --progress-bar off aiperf==0.13.0; }
+
+bench: $(STAMP)  ## run every benchmark script and print its figures (`make peer` adds the peers)
+	@for b in benchmarks/*.py; do echo "== $$b"; \
+	  LABKIT_AIPERF=$${LABKIT_AIPERF:-$(PEER_VENV)/bin/aiperf} $(PY) $$b || exit 1; done
 
 clean:  ## remove .venv and caches (results/ and notebooks are kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
