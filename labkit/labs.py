@@ -32,13 +32,23 @@ def find_notebooks(root: Path | None = None) -> list[Path]:
     return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def strip_metadata(nb: dict | object) -> None:
-    """Remove run-specific metadata in place (cell timings, widget state, kernel info)."""
+    """Remove run-specific metadata in place (cell timings, widget state, kernel info).
+
+    Widget outputs (tqdm bars, the chat widget) are dropped too: without the widget
+    state they cannot render, and their text fallback ("0%|") would misreport them.
+    """
     nb.metadata = {"language_info": {"name": "python"}}  # type: ignore[attr-defined]
     for cell in nb.cells:  # type: ignore[attr-defined]
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in _KEEP_CELL_METADATA}
         if cell.get("cell_type") == "code":
-            for output in cell.get("outputs", []):
+            cell["outputs"] = [
+                o for o in cell.get("outputs", []) if _WIDGET_VIEW not in o.get("data", {})
+            ]
+            for output in cell["outputs"]:
                 if "metadata" in output:
                     output["metadata"] = {}
 
