@@ -117,7 +117,8 @@ def save_figure(fig: Any, name: str, *, source: dict[str, Any] | None = None) ->
     path = results_dir() / f"{name}.png"
     info = provenance(source)
     line = _provenance_line(info)
-    footer = fig.text(0.01, 0.005, line, fontsize=6, color="0.45", ha="left", va="bottom")
+    # Below the axes (bbox_inches="tight" grows the image to fit it), never over a label.
+    footer = fig.text(0.01, -0.01, line, fontsize=6, color="0.45", ha="left", va="top")
     try:
         fig.savefig(
             path,

@@ -934,7 +934,9 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
 def _request_kwargs(clients: Any, api: str, prompt: Prompt, cache: bool,
                     extra_headers: dict[str, str] | None) -> dict[str, Any]:
     headers = dict(extra_headers or {})
-    if not cache and getattr(clients, "provider", "") == "local":
+    if not cache and (getattr(clients, "provider", "") == "local" or getattr(clients, "base_url", None)):
+        # labkit's local API honours it whichever SDK reaches it (also behind
+        # LABKIT_PROVIDER=anthropic|openai with a base URL); other servers ignore it.
         headers["x-labkit-cache"] = "off"
     messages: list[dict[str, Any]] = [{"role": "user", "content": prompt.prompt}]
     kw: dict[str, Any] = {"model": clients.model, "max_tokens": prompt.max_tokens}

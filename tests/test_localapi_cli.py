@@ -1,0 +1,82 @@
+"""The `labkit local-api` command itself: what a user types, in a subprocess."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anthropic
+import pytest
+
+from labkit.localapi import MODEL_ID
+
+USER = [{"role": "user", "content": "Say hello."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_api(*flags: str) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labkit.cli", "local-api", "--port", str(port), *flags],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline and "Ctrl+C" not in line:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise AssertionError(f"labkit local-api exited {proc.returncode}")
+        url = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert url, line
+        yield url.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_sim_flags_set_latency_length_and_a_mid_stream_fault():
+    with local_api("--engine", "sim", "--ttft-ms", "40", "--itl-ms", "1", "--reply-tokens", "6",
+                   "--fail-after", "3", "--fail-with", "api_error") as url:
+        client = anthropic.Anthropic(base_url=url, api_key="local", max_retries=0)
+        texts: list[str] = []
+        t0 = time.perf_counter()
+        with pytest.raises(anthropic.APIStatusError), client.messages.stream(
+            model=MODEL_ID, max_tokens=50, messages=USER
+        ) as stream:
+            for text in stream.text_stream:
+                texts.append(text)
+                if len(texts) == 1:
+                    assert time.perf_counter() - t0 >= 0.040
+        assert len(texts) == 3
+
+
+def test_unknown_engine_says_which_engines_exist():
+    r = subprocess.run([sys.executable, "-m", "labkit.cli", "local-api", "--engine", "gpt9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "--engine llama or --engine sim" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.llama
+def test_no_cache_flag_turns_prefix_caching_off_for_every_request():
+    with local_api("--engine", "llama", "--no-cache") as url:
+        client = anthropic.Anthropic(base_url=url, api_key="local", max_retries=0)
+        usages = [
+            client.messages.create(model=MODEL_ID, max_tokens=4, messages=USER, extra_body={"temperature": 0}).usage
+            for _ in range(2)
+        ]
+    assert usages[0].input_tokens == usages[1].input_tokens > 0
+    assert not usages[1].cache_read_input_tokens
