@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import LabkitError
-from .results import gather_summary, results_dir
+from .results import gather_summary, project_root
 
 __all__ = ["find_notebooks", "run_labs", "run_notebook", "strip_metadata"]
 
@@ -28,7 +28,7 @@ _KEEP_CELL_METADATA = {"tags"}
 
 def find_notebooks(root: Path | None = None) -> list[Path]:
     """The lab notebooks in order: ``notebooks/NN_*.ipynb``."""
-    root = root or results_dir().parent
+    root = root or project_root()
     return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 

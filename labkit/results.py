@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "gather_summary",
+    "project_root",
     "provenance",
     "quick",
     "results_dir",
@@ -42,19 +43,17 @@ def quick() -> bool:
     return os.environ.get("LABKIT_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def results_dir() -> Path:
-    """``$LABKIT_RESULTS_DIR``, else ``results/`` at the top of the labkit checkout.
+def project_root() -> Path:
+    """The labkit checkout: the nearest folder at or above the working directory that
+    holds ``pyproject.toml`` (notebooks run with ``notebooks/`` as their cwd)."""
+    here = Path.cwd().resolve()
+    return next((p for p in (here, *here.parents) if (p / "pyproject.toml").exists()), here)
 
-    The checkout is found by walking up from the working directory to the folder
-    holding ``pyproject.toml`` (notebooks run with ``notebooks/`` as their cwd).
-    """
+
+def results_dir() -> Path:
+    """``$LABKIT_RESULTS_DIR``, else ``results/`` at the top of the labkit checkout."""
     env = os.environ.get("LABKIT_RESULTS_DIR")
-    if env:
-        path = Path(env)
-    else:
-        here = Path.cwd().resolve()
-        root = next((p for p in (here, *here.parents) if (p / "pyproject.toml").exists()), here)
-        path = root / "results"
+    path = Path(env) if env else project_root() / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
