@@ -25,7 +25,13 @@ import httpx
 import openai
 
 from labkit.localapi import MODEL_ID, LocalAPIServer
-from labkit.localapi.engines import ChatMessage, available_cores, model_path, render_chatml
+from labkit.localapi.engines import (
+    ChatMessage,
+    available_cores,
+    default_threads,
+    model_path,
+    render_chatml,
+)
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -122,21 +128,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5, help="Generations per side (interleaved), after one warm-up each.")
     ap.add_argument("--max-tokens", type=int, default=128, help="Tokens generated per trial.")
-    ap.add_argument("--threads", type=int, default=None, help="llama threads on both sides (default: available cores).")
+    ap.add_argument("--threads", type=int, default=None, help="llama threads (decode and prompt) on both sides (default: the engine's, see labkit.localapi.engines note 5).")
     ap.add_argument("--sim-requests", type=int, default=200, help="Requests per client on the zero-latency sim engine.")
     args = ap.parse_args()
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same policy as the server's engine
     from llama_cpp import Llama
 
-    cores = args.threads or available_cores()
-    print(f"# machine: {available_cores()} cores available, {cores} llama threads, load average {os.getloadavg()[0]:.1f}; model {model_path().name}; "
+    decode, batch = (args.threads, args.threads) if args.threads else default_threads()
+    print(f"# machine: {available_cores()} cores available, llama threads {decode} decode / {batch} prompt, "
+          f"load average {os.getloadavg()[0]:.1f}; model {model_path().name}; "
           f"{args.trials} trials x {args.max_tokens} tokens; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    llm = Llama(model_path=str(model_path()), n_ctx=8192, n_threads=cores, n_threads_batch=cores, verbose=False)
+    llm = Llama(model_path=str(model_path()), n_ctx=8192, n_threads=decode, n_threads_batch=batch, verbose=False)
     tokens = llm.tokenize(render_chatml("", [ChatMessage("user", PROMPT)]).encode(), add_bos=True, special=True)
 
     rows = []
-    with LocalAPIServer("llama", n_threads=cores) as api:
+    with LocalAPIServer("llama", n_threads=args.threads) as api:
         client = anthropic.Anthropic(base_url=api.base_url, api_key="bench", max_retries=0, timeout=300)
         in_process_trial(llm, tokens, args.max_tokens)  # warm-up
         api_trial(client, args.max_tokens)

@@ -305,3 +305,11 @@ def test_llama_serves_concurrent_requests_one_at_a_time_in_order(llama_api):
     # b arrived while a was decoding: its first token comes only after a finished
     assert marks["a_first"] < marks["b_first"]
     assert marks["b_first"] >= marks["a_end"] - 0.05
+
+
+def test_llama_default_threads_leave_a_core_for_the_server_when_decoding(monkeypatch):
+    from labkit.localapi import engines
+
+    for cores, expected in ((1, (1, 1)), (2, (1, 2)), (8, (7, 8))):
+        monkeypatch.setattr(engines, "available_cores", lambda c=cores: c)
+        assert engines.default_threads() == expected

@@ -20,12 +20,19 @@ Notes on deliberate choices:
 4. Prefix caching is llama-cpp's KV reuse of the longest common prefix with the
    previous prompt. The number of reused tokens is computed before decoding and
    reported; ``cache=False`` resets the context first, so TTFT can be measured cold.
-5. llama.cpp's CPU backend is built with OpenMP here, whose threads spin while
-   waiting. When the cores are shared (other servers, tests, notebooks), spinning
-   threads starve each other and decoding collapses by an order of magnitude;
+5. Threads. llama.cpp's CPU backend is built with OpenMP here, whose threads spin
+   while waiting. When the cores are shared (the API's own event loop, tests,
+   notebooks), spinning threads starve each other and decoding collapses by an order
+   of magnitude (measured on 2 cores with one busy process beside it: 4.6 deltas/s);
    ``OMP_WAIT_POLICY=PASSIVE`` (set before llama-cpp is first imported, unless the
-   user set it) makes them sleep instead. ``benchmarks/local_api.py`` measures the
-   in-process baseline under the same policy.
+   user set it) makes them sleep instead. But a sleeping thread is slow to wake in a
+   VM, and decoding one token is a barrier per layer: on 2 vCPUs, 2 passive decode
+   threads made 27 tokens/s through the API where 1 thread made 52. Prompt
+   processing has far more work per barrier and still gains from every core (a
+   640-token prompt: 4.2 s on 1 thread, 2.4 s on 2). So by default decoding uses all
+   cores but one (at least one) and prompt processing all of them
+   (:func:`default_threads`); ``n_threads`` sets both. ``benchmarks/local_api.py``
+   measures the in-process baseline with the same threads and policy.
 6. The sim engine sleeps to absolute ``perf_counter`` deadlines measured from the
    request's arrival (never cumulative sleeps), and, while few streams are active,
    spends the last 2 ms before a deadline yielding to the loop instead of trusting
@@ -546,6 +553,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> tuple[int, int]:
+    """(decode threads, prompt-processing threads) of the llama engine (note 5)."""
+    cores = available_cores()
+    return max(1, cores - 1), cores
+
+
 #: Used when a request gives no temperature: the SmolLM2 model card's recommendation.
 DEFAULT_TEMPERATURE = 0.2
 
@@ -567,12 +580,13 @@ class LlamaEngine:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # note 5
         from llama_cpp import Llama
 
-        threads = n_threads or available_cores()
+        decode, batch = (n_threads, n_threads) if n_threads else default_threads()
+        self.threads = (decode, batch)
         self.llm = Llama(
             model_path=str(path or model_path()),
             n_ctx=CONTEXT_WINDOW,
-            n_threads=threads,
-            n_threads_batch=threads,
+            n_threads=decode,
+            n_threads_batch=batch,
             logits_all=False,
             verbose=False,
         )
