@@ -167,3 +167,28 @@ def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
         assert store.get_summary(sid).covers_turns == 10  # not recomputed on resume
     assert last.meta.get("dropped_turns") == 10
     assert last.input_tokens < turns[19].input_tokens
+
+
+@pytest.mark.redis
+def test_redis_store_saves_resumes_and_expires_after_ttl(redis_store_url, fast_sim):
+    import time
+
+    from labkit.errors import SessionNotFoundError
+
+    url = redis_store_url
+    first = chat(url, fast_sim, "--ttl", "60", stdin="My name is Ada.\n")
+    assert first.returncode == 0, first.stderr
+    sid = _session_id(first.stdout)
+    again = chat(url, fast_sim, "--session", sid, "--ttl", "60", stdin="What is my name?\n")
+    assert again.returncode == 0, again.stderr
+    assert f"session {sid} (resumed, 1 turns)" in again.stdout
+    with open_store(url, ttl=60) as store:
+        assert [t.user for t in store.load_turns(sid)] == ["My name is Ada.", "What is my name?"]
+        assert 50 < store.ttl_remaining(sid) <= 60
+    short = chat(url, fast_sim, "--ttl", "1", stdin="Forget me soon.\n")
+    gone = _session_id(short.stdout)
+    time.sleep(2.5)
+    with open_store(url) as store, pytest.raises(SessionNotFoundError):
+        store.get_session(gone)
+    res = chat(url, fast_sim, "--session", gone, stdin="hello?\n")
+    assert res.returncode != 0 and "labkit sessions list" in (res.stdout + res.stderr)

@@ -1,4 +1,4 @@
-"""`labkit sessions list|show|delete` (through Typer's runner, on a real SQLite file)."""
+"""`labkit sessions list|show|delete` (through Typer's runner), on a real SQLite file and a real Redis."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def seeded(sqlite_store_url):
-    with open_store(sqlite_store_url) as store:
+def seeded(store_url):
+    with open_store(store_url) as store:
         a = store.create_session(system_prompt="Be [bold]brief[/bold].", model="m")
         store.append_turn(a.id, "Hi, I'm Ada [x].", "Hello Ada!", input_tokens=12, output_tokens=4)
         store.set_summary(a.id, "Ada said hi.", 1)
         b = store.create_session()
-    return sqlite_store_url, a.id, b.id
+    return store_url, a.id, b.id
 
 
 def test_list_shows_every_session_with_counts(seeded):
