@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	fi
 	@echo "Installing labkit and its dependencies into $(VENV)..."
 	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test]"
-	@$(PY) -c "import llama_cpp, sys; sys.exit(0)"
+	@$(PY) -c "import llama_cpp"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install labkit with its test tools
@@ -75,7 +75,7 @@ lint: $(STAMP)  ## ruff
 PEER_VENV ?= $(HOME)/.cache/labkit/peer-venv
 peer: $(STAMP)  ## install the peer tools the benchmarks compare with (LangChain, AIPerf)
 	$(PY) -m pip install --progress-bar off "langchain-core>=0.3"
-	test -x $(PEER_VENV)/bin/aiperf || { python3 -m venv $(PEER_VENV) && \
+	test -x $(PEER_VENV)/bin/aiperf || { $(PYTHON) -m venv $(PEER_VENV) && \
 	  $(PEER_VENV)/bin/pip install --progress-bar off aiperf==0.13.0; }
 
 bench: $(STAMP)  ## run every benchmark script and print its figures (`make peer` adds the peers)

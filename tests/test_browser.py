@@ -18,7 +18,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def page():
     if not os.path.exists(CHROMIUM):
         pytest.fail(
-            f"No Chromium at {CHROMIUM}: run `apt-get install -y chromium` (.ci/run does) "
+            f"No Chromium at {CHROMIUM}: run `apt-get install -y chromium` (`make test` does as root) "
             "or set LABKIT_CHROMIUM to a Chromium binary."
         )
     from playwright.sync_api import sync_playwright
@@ -53,9 +53,8 @@ def test_page_streams_replies_sends_context_and_resumes_after_reload(page, make_
     # A slow sim (40 ms between deltas) so the page is seen mid-stream.
     slow = make_sim(itl_ms=40, reply_tokens=25)
     server = make_chat(slow, max_message_chars=1000)
-    page_url = server.url + "/"
     pg = page
-    pg.goto(page_url)
+    pg.goto(server.url + "/")
     assert pg.locator("#session").inner_text() == "new"
 
     # 1. The first reply streams: seen partly written before it is done.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,10 @@ from labkit.localapi import MODEL_ID
 USER = [{"role": "user", "content": "Say hello."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def local_api(*flags: str) -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "labkit.cli", "local-api", "--port", str(port), *flags],
+    proc = subprocess.Popen(  # --port 0: the listening line names the port it got
+        [sys.executable, "-m", "labkit.cli", "local-api", "--port", "0", *flags],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     try:

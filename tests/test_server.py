@@ -32,6 +32,14 @@ def test_new_session_streams_session_id_text_then_done(make_sim, make_chat):
     assert turn.headers["x-accel-buffering"] == "no"
 
 
+def test_client_times_the_first_text_and_the_whole_stream(make_sim, make_chat):
+    server = make_chat(make_sim(ttft_ms=80, itl_ms=10, reply_tokens=5))
+    with ChatClient(server.url) as c:
+        turn = c.stream("new", "Hello there")
+    assert 80 <= turn.ttft_ms < turn.e2e_ms  # the sim sends its first delta at 80 ms
+    assert turn.e2e_ms >= 80 + 4 * 10
+
+
 def test_course_httpx_consumer_reads_the_stream(make_sim, make_chat):
     """The course's consumer, verbatim but for the URL, prints the streamed reply."""
     server = make_chat(make_sim())

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from labkit.errors import SessionNotFoundError
 from labkit.store import open_store
 from labkit.store.chat import ChatProcess
 
@@ -171,10 +173,6 @@ def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
 
 @pytest.mark.redis
 def test_redis_store_saves_resumes_and_expires_after_ttl(redis_store_url, fast_sim):
-    import time
-
-    from labkit.errors import SessionNotFoundError
-
     url = redis_store_url
     first = chat(url, fast_sim, "--ttl", "60", stdin="My name is Ada.\n")
     assert first.returncode == 0, first.stderr

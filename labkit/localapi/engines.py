@@ -581,7 +581,6 @@ class LlamaEngine:
         from llama_cpp import Llama
 
         decode, batch = (n_threads, n_threads) if n_threads else default_threads()
-        self.threads = (decode, batch)
         self.llm = Llama(
             model_path=str(path or model_path()),
             n_ctx=CONTEXT_WINDOW,

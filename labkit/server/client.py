@@ -6,6 +6,7 @@ well (the browser page, ``curl -N``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,10 @@ class StreamedTurn:
     done: dict[str, Any] | None = None
     #: The response headers.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Request sent → first text event, ms (``time.perf_counter``; None without text).
+    ttft_ms: float | None = None
+    #: Request sent → end of the stream (or the client's hang-up), ms.
+    e2e_ms: float | None = None
 
     @property
     def deltas(self) -> list[str]:
@@ -81,6 +86,7 @@ class ChatClient:
         body: dict[str, Any] = {"message": message}
         if system_prompt is not None:
             body["system_prompt"] = system_prompt
+        t0 = time.perf_counter()
         with self.http.stream("POST", f"/chat/stream/{session_id}", json=body) as response:
             _raise_for(response)
             turn.headers = dict(response.headers)
@@ -94,6 +100,8 @@ class ChatClient:
                 elif "error" in data:
                     turn.error = data
                 elif "text" in data:
+                    if turn.ttft_ms is None:
+                        turn.ttft_ms = (time.perf_counter() - t0) * 1000
                     turn.text += data["text"]
                     if on_text is not None:
                         on_text(data["text"])
@@ -101,6 +109,7 @@ class ChatClient:
                         break
                 elif "session_id" in data:
                     turn.session_id = data["session_id"]
+        turn.e2e_ms = (time.perf_counter() - t0) * 1000
         return turn
 
     def chat(self, session_id: str, message: str, *, system_prompt: str | None = None) -> dict[str, Any]:
