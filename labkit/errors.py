@@ -93,4 +93,32 @@ class ContextBudgetError(LabkitError):
 
 
 class UpstreamError(LabkitError):
-    """The model API failed (before or during a stream)."""
+    """The model API failed (before or during a stream).
+
+    :func:`labkit.upstream.translate` builds it from an SDK or transport exception and
+    fills in what the edges need: ``kind`` (a short type such as ``rate_limit``,
+    ``overloaded``, ``connection_error``, ``timeout``), ``status`` (the HTTP status a
+    server relaying the model should answer with) and ``upstream_status`` (the status the
+    model API answered, when it answered at all).
+    """
+
+    hint = "Fix the cause and send the message again."
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        kind: str = "api_error",
+        status: int = 502,
+        upstream_status: int | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+        self.status = status
+        self.upstream_status = upstream_status
+
+    @property
+    def status_code(self) -> int | None:
+        """The model API's own HTTP status (as the SDKs name it), if it answered."""
+        return self.upstream_status

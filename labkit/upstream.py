@@ -1,0 +1,449 @@
+"""The one adapter to the model APIs: build a request for either official SDK, send it
+(streamed or not, sync or async), normalise the reply's usage, and map SDK failures to
+:class:`~labkit.errors.UpstreamError`.
+
+``history``, ``timing`` and the chat server all talk to a model through this module;
+none of them builds request keyword arguments or catches SDK exceptions itself. Clients
+are always passed in (``labkit.providers`` or the caller builds them): this module never
+starts a model or reads a key.
+
+Notes (deliberate choices):
+
+1. **The wire format follows the client.** A call takes an ``anthropic.Anthropic`` /
+   ``AsyncAnthropic`` or an ``openai.OpenAI`` / ``AsyncOpenAI`` client and speaks that
+   SDK's format (:func:`api_of`). Anthropic takes ``system`` as a top-level field and
+   ``temperature`` through ``extra_body`` (the 2026 SDKs dropped the keyword); OpenAI
+   takes the system prompt as the first message and ``temperature`` as a keyword.
+2. **Input tokens mean the whole prompt sent.** Anthropic reports cache reads and cache
+   writes apart from ``input_tokens``; :class:`Reply.input_tokens` adds them back, so the
+   figure grows with the history sent whether or not a prompt cache served part of it.
+   ``Reply.cached_tokens`` is the cached part (Anthropic ``cache_read_input_tokens``,
+   OpenAI ``prompt_tokens_details.cached_tokens``). A server that sends no usage at all
+   (some OpenAI-compatible servers ignore ``stream_options.include_usage``) gives
+   ``usage_reported=False`` and zeros: callers must not show those zeros as measured.
+3. **Streams.** Anthropic goes through the SDK's own ``messages.stream`` helper and the
+   reply is taken from ``get_final_message()``. OpenAI goes through
+   ``chat.completions.create(stream=True)`` and the chunks are accumulated by a pure
+   function (:class:`ChunkAccumulator`): the SDK's ``.stream()`` helper parses every
+   chunk twice and raises ``LengthFinishReasonError`` at ``max_tokens``, which is an
+   ordinary stop here.
+4. **One error taxonomy.** Every SDK error (``APIError`` of either SDK, which includes
+   connection errors and timeouts) and every transport error of the HTTP library under
+   the SDKs (``httpx`` or, in the late-2026 SDKs, ``httpx2``; a connection dropped
+   mid-stream surfaces as one of those) becomes an ``UpstreamError`` with a ``kind``, the
+   HTTP ``status`` a relaying server should answer, and a hint (:func:`translate`).
+   Cancellation (a client going away) is not an error and passes through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError, UpstreamError
+
+__all__ = [
+    "AsyncTextStream",
+    "ChunkAccumulator",
+    "Reply",
+    "Request",
+    "TextStream",
+    "UpstreamError",
+    "acreate",
+    "anthropic_input",
+    "api_of",
+    "astream",
+    "create",
+    "reply_from_completion",
+    "reply_from_message",
+    "sdk_errors",
+    "stream",
+    "translate",
+]
+
+Message = Mapping[str, Any]
+
+
+# ── requests ──────────────────────────────────────────────────────────────────
+
+
+def api_of(client: Any) -> str:
+    """``"anthropic"`` or ``"openai"``: the wire format of an official SDK client (note 1)."""
+    package = type(client).__module__.split(".", 1)[0]
+    if package in ("anthropic", "openai"):
+        return package
+    raise ConfigurationError(
+        f"Not an Anthropic or OpenAI SDK client: {type(client).__name__}.",
+        hint="Pass a client from labkit.client(...) or from the anthropic/openai packages.",
+    )
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request to a model, independent of the wire format."""
+
+    model: str
+    #: The conversation: ``{"role": "user" | "assistant", "content": ...}`` dicts.
+    messages: Sequence[Message]
+    max_tokens: int = 1024
+    #: The system prompt ("" for none).
+    system: str = ""
+    #: Sampling temperature (None: the API's default).
+    temperature: float | None = None
+    #: Extra HTTP headers (e.g. ``x-labkit-cache: off`` for labkit's local API).
+    extra_headers: Mapping[str, str] | None = None
+
+    def kwargs(self, api: str, *, stream: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``messages.create``/``.stream`` (``api="anthropic"``) or
+        ``chat.completions.create`` (``api="openai"``; ``stream=True`` asks for usage)."""
+        kw: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens}
+        if api == "anthropic":
+            kw["messages"] = list(self.messages)
+            if self.system:
+                kw["system"] = self.system
+            if self.temperature is not None:
+                kw["extra_body"] = {"temperature": self.temperature}
+        elif api == "openai":
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            kw["messages"] = [*system, *self.messages]
+            if self.temperature is not None:
+                kw["temperature"] = self.temperature
+            if stream:
+                kw["stream"] = True
+                kw["stream_options"] = {"include_usage": True}
+        else:
+            raise ConfigurationError(f"Unknown wire format {api!r}.", hint="Use anthropic or openai.")
+        if self.extra_headers:
+            kw["extra_headers"] = dict(self.extra_headers)
+        return kw
+
+
+# ── replies ───────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Reply:
+    """A completed (or, from ``partial()``, interrupted) reply with normalised usage."""
+
+    text: str
+    #: Every prompt token the API read for this request, cached or not (note 2).
+    input_tokens: int
+    output_tokens: int
+    #: Why generation stopped (``end_turn``, ``max_tokens``, ``stop``, ``length``...).
+    stop_reason: str | None
+    #: Of ``input_tokens``, those served from the API's prompt cache.
+    cached_tokens: int = 0
+    #: False when the server sent no usage: the token figures are then zeros, not counts.
+    usage_reported: bool = True
+    #: The SDK's final object (``Message`` or ``ChatCompletion``), for callers that need more.
+    raw: Any = field(default=None, repr=False)
+
+
+def anthropic_input(usage: Any) -> tuple[int, int]:
+    """``(all prompt tokens, cache reads)`` of an Anthropic ``Usage`` (note 2)."""
+    cached = getattr(usage, "cache_read_input_tokens", 0) or 0
+    created = getattr(usage, "cache_creation_input_tokens", 0) or 0
+    return (getattr(usage, "input_tokens", 0) or 0) + cached + created, cached
+
+
+def reply_from_message(msg: Any) -> Reply:
+    """A :class:`Reply` from an Anthropic ``Message``."""
+    text = "".join(b.text for b in msg.content if getattr(b, "type", "") == "text")
+    usage = getattr(msg, "usage", None)
+    if usage is None:
+        return Reply(text, 0, 0, msg.stop_reason, usage_reported=False, raw=msg)
+    total, cached = anthropic_input(usage)
+    return Reply(text, total, usage.output_tokens or 0, msg.stop_reason, cached, raw=msg)
+
+
+def _openai_usage(usage: Any) -> tuple[int, int, int]:
+    details = getattr(usage, "prompt_tokens_details", None)
+    return (
+        getattr(usage, "prompt_tokens", 0) or 0,
+        getattr(usage, "completion_tokens", 0) or 0,
+        getattr(details, "cached_tokens", 0) or 0,
+    )
+
+
+def reply_from_completion(completion: Any) -> Reply:
+    """A :class:`Reply` from an OpenAI ``ChatCompletion``."""
+    choice = completion.choices[0]
+    text = choice.message.content or ""
+    if completion.usage is None:
+        return Reply(text, 0, 0, choice.finish_reason, usage_reported=False, raw=completion)
+    prompt, output, cached = _openai_usage(completion.usage)
+    return Reply(text, prompt, output, choice.finish_reason, cached, raw=completion)
+
+
+class ChunkAccumulator:
+    """Folds OpenAI ``ChatCompletionChunk`` objects into a :class:`Reply` (note 3).
+
+    ``add(chunk)`` returns the chunk's text delta ("" when it has none: a role-only first
+    chunk, a ``None`` content, or a usage chunk whose ``choices`` list is empty).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.usage: Any = None
+        self.finish_reason: str | None = None
+
+    def add(self, chunk: Any) -> str:
+        if getattr(chunk, "usage", None) is not None:
+            self.usage = chunk.usage
+        text = ""
+        for choice in chunk.choices or ():
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+            delta = choice.delta.content if choice.delta is not None else None
+            if delta:
+                text += delta
+        if text:
+            self.parts.append(text)
+        return text
+
+    def reply(self) -> Reply:
+        text = "".join(self.parts)
+        if self.usage is None:
+            return Reply(text, 0, 0, self.finish_reason, usage_reported=False)
+        prompt, output, cached = _openai_usage(self.usage)
+        return Reply(text, prompt, output, self.finish_reason, cached)
+
+
+# ── errors ────────────────────────────────────────────────────────────────────
+
+#: API error type → (kind, HTTP status for a relaying server, hint).
+_KINDS: dict[str, tuple[str, int, str]] = {
+    "rate_limit_error": ("rate_limit", 429, "Too many requests upstream. Wait a moment and resend."),
+    "overloaded_error": ("overloaded", 503, "The model is overloaded. Resend in a few seconds."),
+    "invalid_request_error": (
+        "invalid_request",
+        502,
+        "The model API refused the request (a conversation too long for its window?).",
+    ),
+    "authentication_error": ("authentication", 502, "Check the API key."),
+    "permission_error": ("permission", 502, "Check the API key and its access to the model."),
+    "not_found_error": ("model_not_found", 502, "Check the model name and the base URL."),
+    "request_too_large": (
+        "request_too_large",
+        502,
+        "The conversation is too large for the model API.",
+    ),
+    "api_error": ("api_error", 502, "The model API failed. Resend the message."),
+}
+_STATUS_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+#: OpenAI's ``code``/``type`` names for the same failures.
+_ALIASES = {
+    "rate_limit_exceeded": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",
+    "invalid_request": "invalid_request_error",
+    "server_error": "api_error",
+}
+
+
+def _httpx_modules() -> list[Any]:
+    import httpx
+
+    mods = [httpx]
+    try:  # the SDKs of late 2026 are built on httpx2
+        import httpx2
+
+        mods.append(httpx2)
+    except ImportError:  # pragma: no cover - older SDKs
+        pass
+    return mods
+
+
+def sdk_errors() -> tuple[type[BaseException], ...]:
+    """Every exception type :func:`translate` maps (note 4)."""
+    import anthropic
+    import openai
+
+    return (anthropic.APIError, openai.APIError, *(m.HTTPError for m in _httpx_modules()))
+
+
+def _error_type(exc: BaseException) -> tuple[str | None, str | None]:
+    """``(API error type, API message)`` from an SDK error's body, when it has one."""
+    body = getattr(exc, "body", None)
+    if not isinstance(body, dict):
+        return None, None
+    err = body.get("error")
+    if isinstance(err, dict):
+        return err.get("type") or err.get("code"), err.get("message")
+    if isinstance(body.get("type"), str) and body["type"] != "error":
+        return body["type"], body.get("message")
+    return None, None
+
+
+def translate(exc: BaseException) -> UpstreamError:
+    """An :class:`UpstreamError` for an SDK or transport exception (note 4)."""
+    import anthropic
+    import openai
+
+    status = getattr(exc, "status_code", None)
+    kind, detail = _error_type(exc)
+    if kind is None and status is not None:
+        kind = _STATUS_KINDS.get(status, "api_error")
+    if kind is not None:
+        kind = _ALIASES.get(str(kind), str(kind))
+        name, http, hint = _KINDS.get(kind, _KINDS["api_error"])
+        msg = detail or getattr(exc, "message", None) or str(exc)
+        where = f" ({status})" if status else ""
+        return UpstreamError(
+            f"The model API failed{where}: {kind}: {msg}",
+            hint=hint,
+            kind=name,
+            status=http,
+            upstream_status=status,
+        )
+    mods = _httpx_modules()
+    timeouts = (anthropic.APITimeoutError, openai.APITimeoutError)
+    if isinstance(exc, timeouts + tuple(m.TimeoutException for m in mods)):
+        return UpstreamError(
+            "The model API did not answer in time.",
+            hint="Resend the message.",
+            kind="timeout",
+            status=504,
+        )
+    return UpstreamError(
+        f"The connection to the model API failed: {exc or type(exc).__name__}",
+        hint="Resend the message; if it keeps failing, check that the model API is running.",
+        kind="connection_error",
+        status=502,
+    )
+
+
+# ── calls ─────────────────────────────────────────────────────────────────────
+
+
+def create(client: Any, request: Request) -> Reply:
+    """Send ``request`` without streaming; the whole reply."""
+    api = api_of(client)
+    try:
+        if api == "anthropic":
+            return reply_from_message(client.messages.create(**request.kwargs(api)))
+        return reply_from_completion(client.chat.completions.create(**request.kwargs(api)))
+    except sdk_errors() as exc:
+        raise translate(exc) from exc
+
+
+async def acreate(client: Any, request: Request) -> Reply:
+    """Async twin of :func:`create` (``AsyncAnthropic`` / ``AsyncOpenAI`` client)."""
+    api = api_of(client)
+    try:
+        if api == "anthropic":
+            return reply_from_message(await client.messages.create(**request.kwargs(api)))
+        completion = await client.chat.completions.create(**request.kwargs(api))
+        return reply_from_completion(completion)
+    except sdk_errors() as exc:
+        raise translate(exc) from exc
+
+
+class TextStream:
+    """An open streamed reply: iterate ``text_stream``, then call ``reply()``."""
+
+    def __init__(self, api: str, sdk_stream: Any) -> None:
+        self.api = api
+        self._stream = sdk_stream
+        self._acc = ChunkAccumulator()
+        self.text_stream: Iterator[str] = (
+            sdk_stream.text_stream if api == "anthropic" else self._openai_texts()
+        )
+
+    def _openai_texts(self) -> Iterator[str]:
+        for chunk in self._stream:
+            text = self._acc.add(chunk)
+            if text:
+                yield text
+
+    def reply(self) -> Reply:
+        """The final reply (drains whatever the caller did not read)."""
+        if self.api == "anthropic":
+            return reply_from_message(self._stream.get_final_message())
+        for _ in self.text_stream:
+            pass
+        return self._acc.reply()
+
+    def partial(self) -> Reply:
+        """What arrived so far, for a stream that failed or was abandoned."""
+        return _partial(self.api, self._stream, self._acc)
+
+
+class AsyncTextStream:
+    """Async twin of :class:`TextStream`."""
+
+    def __init__(self, api: str, sdk_stream: Any) -> None:
+        self.api = api
+        self._stream = sdk_stream
+        self._acc = ChunkAccumulator()
+        self.text_stream: AsyncIterator[str] = (
+            sdk_stream.text_stream if api == "anthropic" else self._openai_texts()
+        )
+
+    async def _openai_texts(self) -> AsyncIterator[str]:
+        async for chunk in self._stream:
+            text = self._acc.add(chunk)
+            if text:
+                yield text
+
+    async def reply(self) -> Reply:
+        if self.api == "anthropic":
+            return reply_from_message(await self._stream.get_final_message())
+        async for _ in self.text_stream:
+            pass
+        return self._acc.reply()
+
+    def partial(self) -> Reply:
+        return _partial(self.api, self._stream, self._acc)
+
+
+def _partial(api: str, sdk_stream: Any, acc: ChunkAccumulator) -> Reply:
+    if api == "openai":
+        return acc.reply()
+    snap = getattr(sdk_stream, "current_message_snapshot", None)
+    if snap is None:
+        return Reply("", 0, 0, None, usage_reported=False)
+    return reply_from_message(snap)
+
+
+@contextmanager
+def stream(client: Any, request: Request) -> Iterator[TextStream]:
+    """Open one streamed request; leaving the block closes the HTTP response, which is how
+    an abandoned stream stops the model. SDK failures, at the start or mid-stream inside
+    the block, are raised as :class:`UpstreamError`."""
+    api = api_of(client)
+    try:
+        if api == "anthropic":
+            with client.messages.stream(**request.kwargs(api)) as s:
+                yield TextStream(api, s)
+        else:
+            s = client.chat.completions.create(**request.kwargs(api, stream=True))
+            with s:
+                yield TextStream(api, s)
+    except sdk_errors() as exc:
+        raise translate(exc) from exc
+
+
+@asynccontextmanager
+async def astream(client: Any, request: Request) -> AsyncIterator[AsyncTextStream]:
+    """Async twin of :func:`stream`."""
+    api = api_of(client)
+    try:
+        if api == "anthropic":
+            async with client.messages.stream(**request.kwargs(api)) as s:
+                yield AsyncTextStream(api, s)
+        else:
+            s = await client.chat.completions.create(**request.kwargs(api, stream=True))
+            async with s:
+                yield AsyncTextStream(api, s)
+    except sdk_errors() as exc:
+        raise translate(exc) from exc

@@ -1,0 +1,162 @@
+"""labkit.upstream: one request builder, one usage normaliser, one error taxonomy."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+from anthropic.types import Message, TextBlock, Usage
+from openai.types.chat import ChatCompletionChunk
+from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
+from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
+
+from labkit import upstream
+from labkit.errors import ConfigurationError, UpstreamError
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_anthropic_request_puts_system_on_top_and_temperature_in_extra_body():
+    kw = upstream.Request("m", MESSAGES, 64, system="be brief", temperature=0).kwargs("anthropic")
+    assert kw == {
+        "model": "m",
+        "max_tokens": 64,
+        "messages": MESSAGES,
+        "system": "be brief",
+        "extra_body": {"temperature": 0},
+    }
+
+
+def test_openai_request_prepends_a_system_message_and_asks_for_usage_when_streaming():
+    req = upstream.Request("m", MESSAGES, 64, system="be brief", temperature=0.5)
+    kw = req.kwargs("openai", stream=True)
+    assert kw["messages"] == [{"role": "system", "content": "be brief"}, *MESSAGES]
+    assert kw["temperature"] == 0.5 and "extra_body" not in kw
+    assert kw["stream"] is True and kw["stream_options"] == {"include_usage": True}
+    assert "stream" not in req.kwargs("openai")
+
+
+def test_request_without_system_or_temperature_sends_neither():
+    for api in ("anthropic", "openai"):
+        kw = upstream.Request("m", MESSAGES).kwargs(api)
+        assert "system" not in kw and "temperature" not in kw and "extra_body" not in kw
+        assert kw["messages"] == MESSAGES
+
+
+def test_extra_headers_are_passed_to_either_sdk():
+    req = upstream.Request("m", MESSAGES, extra_headers={"x-labkit-cache": "off"})
+    for api in ("anthropic", "openai"):
+        assert req.kwargs(api)["extra_headers"] == {"x-labkit-cache": "off"}
+
+
+def test_api_of_knows_the_sdk_clients_and_refuses_anything_else():
+    assert upstream.api_of(anthropic.Anthropic(api_key="k")) == "anthropic"
+    assert upstream.api_of(openai.AsyncOpenAI(api_key="k")) == "openai"
+    with pytest.raises(ConfigurationError):
+        upstream.api_of(object())
+
+
+def test_anthropic_input_tokens_include_cache_reads_and_writes():
+    msg = Message(
+        id="m",
+        type="message",
+        role="assistant",
+        model="m",
+        content=[TextBlock(type="text", text="hello")],
+        stop_reason="end_turn",
+        usage=Usage(
+            input_tokens=12,
+            output_tokens=3,
+            cache_read_input_tokens=164,
+            cache_creation_input_tokens=4,
+        ),
+    )
+    reply = upstream.reply_from_message(msg)
+    assert (reply.text, reply.input_tokens, reply.cached_tokens) == ("hello", 180, 164)
+    assert reply.output_tokens == 3 and reply.usage_reported
+
+
+def _chunk(content=None, finish=None, usage=None, choices=True):
+    return ChatCompletionChunk(
+        id="c",
+        object="chat.completion.chunk",
+        created=0,
+        model="m",
+        choices=[Choice(index=0, delta=ChoiceDelta(content=content), finish_reason=finish)]
+        if choices
+        else [],
+        usage=usage,
+    )
+
+
+def test_chunk_accumulator_ignores_empty_chunks_and_reads_the_usage_chunk():
+    acc = upstream.ChunkAccumulator()
+    texts = [
+        acc.add(_chunk(content="")),  # role-only first chunk
+        acc.add(_chunk(content="Hel")),
+        acc.add(_chunk(content="lo")),
+        acc.add(_chunk(content=None, finish="stop")),
+        acc.add(
+            _chunk(
+                choices=False,
+                usage=CompletionUsage(
+                    prompt_tokens=50,
+                    completion_tokens=2,
+                    total_tokens=52,
+                    prompt_tokens_details=PromptTokensDetails(cached_tokens=32),
+                ),
+            )
+        ),
+    ]
+    assert texts == ["", "Hel", "lo", "", ""]
+    reply = acc.reply()
+    assert (reply.text, reply.stop_reason) == ("Hello", "stop")
+    assert (reply.input_tokens, reply.output_tokens, reply.cached_tokens) == (50, 2, 32)
+
+
+def test_a_stream_without_usage_says_so_instead_of_reporting_zero_as_measured():
+    acc = upstream.ChunkAccumulator()
+    acc.add(_chunk(content="hi", finish="stop"))
+    reply = acc.reply()
+    assert reply.usage_reported is False and reply.text == "hi"
+
+
+def _status_error(sdk, status, body):
+    request = httpx.Request("POST", "http://x/v1/messages")
+    response = httpx.Response(status, request=request, json=body)
+    return sdk.APIStatusError("failed", response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "http"),
+    [
+        (429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, "rate_limit", 429),
+        (529, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, "overloaded", 503),
+        (401, None, "authentication", 502),
+        (500, {"error": {"message": "boom", "code": "server_error"}}, "api_error", 502),
+        (429, {"error": {"message": "slow", "code": "rate_limit_exceeded"}}, "rate_limit", 429),
+    ],
+)
+def test_status_errors_map_to_a_kind_and_a_relay_status(status, body, kind, http):
+    for sdk in (anthropic, openai):
+        err = upstream.translate(_status_error(sdk, status, body))
+        assert isinstance(err, UpstreamError)
+        assert (err.kind, err.status, err.upstream_status) == (kind, http, status)
+        assert err.hint
+
+
+def test_transport_errors_and_timeouts_are_upstream_errors_with_hints():
+    request = httpx.Request("POST", "http://x")
+    dropped = upstream.translate(httpx.RemoteProtocolError("peer closed", request=request))
+    assert (dropped.kind, dropped.status) == ("connection_error", 502)
+    late = upstream.translate(anthropic.APITimeoutError(request=request))
+    assert (late.kind, late.status) == ("timeout", 504)
+    conn = upstream.translate(openai.APIConnectionError(request=request))
+    assert conn.kind == "connection_error" and "running" in conn.hint
+
+
+def test_sdk_errors_cover_both_sdks_and_the_transport():
+    errors = upstream.sdk_errors()
+    assert anthropic.APIError in errors and openai.APIError in errors
+    assert any(issubclass(httpx.ReadError, e) for e in errors)
