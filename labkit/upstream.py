@@ -114,7 +114,9 @@ class Request:
                 kw["stream"] = True
                 kw["stream_options"] = {"include_usage": True}
         else:
-            raise ConfigurationError(f"Unknown wire format {api!r}.", hint="Use anthropic or openai.")
+            raise ConfigurationError(
+                f"Unknown wire format {api!r}.", hint="Use anthropic or openai."
+            )
         if self.extra_headers:
             kw["extra_headers"] = dict(self.extra_headers)
         return kw
@@ -215,7 +217,11 @@ class ChunkAccumulator:
 
 #: API error type → (kind, HTTP status for a relaying server, hint).
 _KINDS: dict[str, tuple[str, int, str]] = {
-    "rate_limit_error": ("rate_limit", 429, "Too many requests upstream. Wait a moment and resend."),
+    "rate_limit_error": (
+        "rate_limit",
+        429,
+        "Too many requests upstream. Wait a moment and resend.",
+    ),
     "overloaded_error": ("overloaded", 503, "The model is overloaded. Resend in a few seconds."),
     "invalid_request_error": (
         "invalid_request",
@@ -272,16 +278,21 @@ def sdk_errors() -> tuple[type[BaseException], ...]:
 
 
 def _error_type(exc: BaseException) -> tuple[str | None, str | None]:
-    """``(API error type, API message)`` from an SDK error's body, when it has one."""
+    """``(API error type, API message)`` from an SDK error's body, when it names a known one.
+
+    Anthropic bodies are ``{"type": "error", "error": {"type", "message"}}``; the OpenAI
+    SDK keeps the inner object, ``{"message", "type", "code"}``, whose ``type`` may be a
+    generic word (``"requests"``) and whose ``code`` the specific one."""
     body = getattr(exc, "body", None)
     if not isinstance(body, dict):
         return None, None
-    err = body.get("error")
-    if isinstance(err, dict):
-        return err.get("type") or err.get("code"), err.get("message")
-    if isinstance(body.get("type"), str) and body["type"] != "error":
-        return body["type"], body.get("message")
-    return None, None
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    for name in (inner.get("type"), inner.get("code")):
+        if isinstance(name, str):
+            name = _ALIASES.get(name, name)
+            if name in _KINDS:
+                return name, inner.get("message")
+    return None, inner.get("message")
 
 
 def translate(exc: BaseException) -> UpstreamError:
@@ -294,8 +305,7 @@ def translate(exc: BaseException) -> UpstreamError:
     if kind is None and status is not None:
         kind = _STATUS_KINDS.get(status, "api_error")
     if kind is not None:
-        kind = _ALIASES.get(str(kind), str(kind))
-        name, http, hint = _KINDS.get(kind, _KINDS["api_error"])
+        name, http, hint = _KINDS[kind]
         msg = detail or getattr(exc, "message", None) or str(exc)
         where = f" ({status})" if status else ""
         return UpstreamError(

@@ -15,6 +15,7 @@ from labkit import upstream
 from labkit.errors import ConfigurationError, UpstreamError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+MODEL = "smollm2-135m-instruct"
 
 
 def test_anthropic_request_puts_system_on_top_and_temperature_in_extra_body():
@@ -131,8 +132,18 @@ def _status_error(sdk, status, body):
 @pytest.mark.parametrize(
     ("status", "body", "kind", "http"),
     [
-        (429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, "rate_limit", 429),
-        (529, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, "overloaded", 503),
+        (
+            429,
+            {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
+            "rate_limit",
+            429,
+        ),
+        (
+            529,
+            {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+            "overloaded",
+            503,
+        ),
         (401, None, "authentication", 502),
         (500, {"error": {"message": "boom", "code": "server_error"}}, "api_error", 502),
         (429, {"error": {"message": "slow", "code": "rate_limit_exceeded"}}, "rate_limit", 429),
@@ -160,3 +171,71 @@ def test_sdk_errors_cover_both_sdks_and_the_transport():
     errors = upstream.sdk_errors()
     assert anthropic.APIError in errors and openai.APIError in errors
     assert any(issubclass(httpx.ReadError, e) for e in errors)
+
+
+# ── live: the sim local API through both SDKs ─────────────────────────────────
+
+
+def _clients(api, is_async=False):
+    key = "labkit-local"
+    if is_async:
+        return (
+            anthropic.AsyncAnthropic(base_url=api.base_url, api_key=key, max_retries=0),
+            openai.AsyncOpenAI(base_url=api.base_url + "/v1", api_key=key, max_retries=0),
+        )
+    return (
+        anthropic.Anthropic(base_url=api.base_url, api_key=key, max_retries=0),
+        openai.OpenAI(base_url=api.base_url + "/v1", api_key=key, max_retries=0),
+    )
+
+
+def _request(api, sim=""):
+    headers = {"x-labkit-sim": sim} if sim else None
+    return upstream.Request(MODEL, MESSAGES, 8, extra_headers=headers)
+
+
+def test_stream_yields_text_and_a_reply_with_usage_on_both_wire_formats(sim_api):
+    for client in _clients(sim_api):
+        with upstream.stream(client, _request(sim_api, "reply_tokens=5")) as s:
+            texts = list(s.text_stream)
+            reply = s.reply()
+        assert "".join(texts) == reply.text and reply.text
+        assert reply.output_tokens == 5 and reply.input_tokens > 0 and reply.usage_reported
+
+
+def test_create_returns_the_same_reply_shape_as_stream(sim_api):
+    for client in _clients(sim_api):
+        reply = upstream.create(client, _request(sim_api, "reply_tokens=4"))
+        assert reply.text and reply.output_tokens == 4 and reply.input_tokens > 0
+
+
+async def test_astream_and_acreate_on_both_wire_formats(sim_api):
+    for client in _clients(sim_api, is_async=True):
+        async with upstream.astream(client, _request(sim_api, "reply_tokens=3")) as s:
+            texts = [t async for t in s.text_stream]
+            reply = await s.reply()
+        assert "".join(texts) == reply.text and reply.output_tokens == 3
+        assert (await upstream.acreate(client, _request(sim_api))).text
+
+
+def test_a_stream_dropped_mid_way_raises_upstream_error_with_what_arrived(sim_api):
+    for client in _clients(sim_api):
+        seen = []
+        request = _request(sim_api, "fail_after=2;fail_with=disconnect")
+        with pytest.raises(UpstreamError) as info, upstream.stream(client, request) as s:
+            for text in s.text_stream:
+                seen.append(text)
+        assert info.value.kind == "connection_error" and info.value.status == 502
+        assert len(seen) == 2
+
+
+def test_an_error_before_the_stream_is_an_upstream_error_with_the_api_kind(sim_api):
+    for client in _clients(sim_api):
+        request = _request(sim_api, "fail_before=rate_limit_error")
+        with pytest.raises(UpstreamError) as info, upstream.stream(client, request):
+            pass
+        assert (info.value.kind, info.value.status, info.value.upstream_status) == (
+            "rate_limit",
+            429,
+            429,
+        )
