@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.labkit-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 PYTEST_ARGS ?=
 
-.PHONY: help install labs test test-fast lint bench peer browser-deps clean
+.PHONY: help install labs lab test test-fast lint bench peer browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,12 +42,21 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	@echo "Installing labkit and its dependencies into $(VENV)..."
 	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test]"
 	@$(PY) -c "import llama_cpp"
+	@# A named kernel for this venv, so the committed notebooks open on it in JupyterLab.
+	$(PY) -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)" >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install labkit with its test tools
 
 labs: $(STAMP)  ## run every notebook top to bottom on the offline default; write results/
 	$(VENV)/bin/labkit labs
+
+# JupyterLab on the notebooks, from the venv, on the "Python (labkit)" kernel. LABKIT_QUICK and
+# LABKIT_PROVIDER (and the API keys) pass through the environment to the notebooks' kernels.
+LAB_PORT ?= 8888
+lab: $(STAMP)  ## open the labs in JupyterLab (prints the URL; LABKIT_QUICK=1 for short runs)
+	@echo "Opening JupyterLab on notebooks/ (kernel: Python (labkit); provider: $${LABKIT_PROVIDER:-local})"
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) --ServerApp.open_browser=$${LAB_OPEN_BROWSER:-True}
 
 # The browser test drives Debian's Chromium (never a downloaded browser). As root with apt
 # (CI, a fresh container) it is installed here; otherwise the test says how to get it.
@@ -59,16 +68,16 @@ browser-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: no chromium on PATH; the browser test will fail (apt-get install chromium)"; fi; }
 
-test: $(STAMP) browser-deps  ## run the whole test suite, notebooks included (nbval)
-	$(VENV)/bin/ruff check labkit tests benchmarks
+test: $(STAMP) browser-deps lint  ## run the whole test suite, notebooks included (nbval)
 	LABKIT_QUICK=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
 
 test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser, no notebooks
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not slow and not llama and not browser" tests
 
-lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check labkit tests benchmarks
-	$(VENV)/bin/ruff format --check labkit tests benchmarks
+LINT_PATHS := labkit tests benchmarks $(wildcard solutions)
+lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 # Peer tools the benchmarks compare against: LangChain's trim_messages (in .venv) and NVIDIA
 # AIPerf (in a venv of its own: it pins its own dependencies).

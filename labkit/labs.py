@@ -8,6 +8,9 @@ Notes:
 2. Outputs are saved in place; text printed piece by piece (a streamed reply) is
    joined into one output, and notebook and cell metadata that change from run to
    run (timings, widget state, kernel details) are stripped so diffs show content.
+   The notebook keeps one fixed ``kernelspec``: the "Python (labkit)" kernel that
+   ``make install`` registers in the venv, so JupyterLab opens a fresh clone on the
+   right kernel without asking and without marking the notebook modified.
 3. After the notebooks, ``results/SUMMARY.md`` is regenerated from each lab's
    headline table (see :mod:`labkit.results`).
 """
@@ -25,6 +28,10 @@ __all__ = ["find_notebooks", "run_labs", "run_notebook", "strip_metadata"]
 
 _KEEP_CELL_METADATA = {"tags"}
 
+#: The kernel ``make install`` registers in the venv (``ipykernel install --sys-prefix``).
+KERNEL_NAME = "labkit"
+KERNELSPEC = {"display_name": "Python (labkit)", "language": "python", "name": KERNEL_NAME}
+
 
 def find_notebooks(root: Path | None = None) -> list[Path]:
     """The lab notebooks in order: ``notebooks/NN_*.ipynb``."""
@@ -41,7 +48,10 @@ def strip_metadata(nb: dict | object) -> None:
     Widget outputs (tqdm bars, the chat widget) are dropped too: without the widget
     state they cannot render, and their text fallback ("0%|") would misreport them.
     """
-    nb.metadata = {"language_info": {"name": "python"}}  # type: ignore[attr-defined]
+    nb.metadata = {  # type: ignore[attr-defined]
+        "kernelspec": dict(KERNELSPEC),
+        "language_info": {"name": "python"},
+    }
     for cell in nb.cells:  # type: ignore[attr-defined]
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in _KEEP_CELL_METADATA}
         if cell.get("cell_type") == "code":
@@ -53,6 +63,13 @@ def strip_metadata(nb: dict | object) -> None:
                     output["metadata"] = {}
 
 
+def _kernel_name() -> str:
+    """The labkit kernel when registered (``make install`` does), else this Python's own."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
+
+
 def run_notebook(path: Path, *, timeout: int = 1800) -> float:
     """Execute one notebook in place; return the seconds it took."""
     import nbformat
@@ -62,7 +79,10 @@ def run_notebook(path: Path, *, timeout: int = 1800) -> float:
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=timeout,
+        kernel_name=_kernel_name(),
+        resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()
     try:
@@ -90,7 +110,9 @@ def run_labs(notebooks: list[str] | None = None, *, quick: bool = False) -> Path
         raise LabkitError("No notebooks found.", hint="Run `make labs` from the labkit checkout.")
     for i, path in enumerate(paths, 1):
         if not path.exists():
-            raise LabkitError(f"No notebook at {path}.", hint="Pass paths like notebooks/01_streaming_ttft.ipynb.")
+            raise LabkitError(
+                f"No notebook at {path}.", hint="Pass paths like notebooks/01_streaming_ttft.ipynb."
+            )
         with console.status(f"[{i}/{len(paths)}] running {path.name}…"):
             seconds = run_notebook(path)
         console.print(f"[green]✓[/] [{i}/{len(paths)}] {path.name} ({seconds:.0f} s)")

@@ -86,7 +86,9 @@ def provenance(source: dict[str, Any] | None = None) -> dict[str, str]:
         if value is not None:
             info[str(key)] = str(value)
     info.setdefault("provider", os.environ.get("LABKIT_PROVIDER", "local"))
-    info["machine"] = f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+    info["machine"] = (
+        f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+    )
     info["python"] = platform.python_version()
     for pkg in _PACKAGES:
         info[pkg] = _version(pkg)
@@ -116,18 +118,32 @@ def save_figure(fig: Any, name: str, *, source: dict[str, Any] | None = None) ->
     path = results_dir() / f"{name}.png"
     info = provenance(source)
     line = _provenance_line(info)
-    # Below the axes (bbox_inches="tight" grows the image to fit it), never over a label.
-    footer = fig.text(0.01, -0.01, line, fontsize=6, color="0.45", ha="left", va="top")
+    footer = _add_footer(fig, line)
     try:
         fig.savefig(
             path,
             dpi=110,
             bbox_inches="tight",
-            metadata={"Source": line, "Description": "; ".join(f"{k}={v}" for k, v in info.items())},
+            metadata={
+                "Source": line,
+                "Description": "; ".join(f"{k}={v}" for k, v in info.items()),
+            },
         )
     finally:
         footer.remove()
     return path
+
+
+def _add_footer(fig: Any, line: str) -> Any:
+    """Draw ``line`` under everything already on ``fig`` (axes, tick labels, axis labels,
+    legends, titles), so it can never overprint a label; ``bbox_inches="tight"`` then grows
+    the saved image to include it."""
+    renderer = fig.canvas.get_renderer()
+    bbox = fig.get_tightbbox(renderer)  # inches, every artist included
+    height = fig.get_figheight()
+    y = bbox.y0 / height - 0.02  # a small gap below the lowest artist
+    x = max(bbox.x0 / fig.get_figwidth(), 0.0)
+    return fig.text(x, y, line, fontsize=6, color="0.45", ha="left", va="top")
 
 
 def write_headline(
