@@ -4,6 +4,7 @@ area's missing optional piece never breaks collection of another's tests."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -189,3 +190,29 @@ def make_chat(tmp_path):
     yield make
     for server in started:
         server.stop()
+
+
+# ── browser (Debian's Chromium through Playwright; never a downloaded browser) ─
+
+CHROMIUM = os.environ.get("LABKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture
+def page():
+    """A Playwright page in headless Chromium."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"No Chromium at {CHROMIUM}: run `apt-get install -y chromium` (`make test` does as root) "
+            "or set LABKIT_CHROMIUM to a Chromium binary."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        yield pg
+        context.close()
+        browser.close()
