@@ -151,9 +151,9 @@ def ttft(
 
     from rich.table import Table
 
+    from .bench.lab1 import load_prompts, per_prompt_table, run_trials
     from .errors import ConfigurationError
     from .providers import client
-    from .bench.lab1 import load_prompts, per_prompt_table, run_trials
 
     if cache not in ("on", "off"):
         raise ConfigurationError(f"--cache must be on or off, not {cache!r}.", hint="Use --cache on or --cache off.")

@@ -196,9 +196,7 @@ class ChatWidget:
         sel = self.manager.last_selection
         dropped = f", {sel.dropped_turns} turn(s) left out" if sel and sel.dropped_turns else ""
         if usage.input_tokens is None:  # the server sent no usage: show the estimate
-            self.status.value = (
-                f"<i>turn {usage.turn}: no usage reported by the API{dropped}</i>"
-            )
+            self.status.value = f"<i>turn {usage.turn}: no usage reported by the API{dropped}</i>"
             self._render_meter(usage.estimated_tokens, source="last request, estimate")
             return reply
         cached = f", {usage.cached_tokens:,} of them cached" if usage.cached_tokens else ""
@@ -206,7 +204,5 @@ class ChatWidget:
             f"<i>turn {usage.turn}: {usage.input_tokens:,} input tokens{cached} (API), "
             f"{usage.output_tokens} output tokens{dropped}</i>"
         )
-        self._render_meter(
-            usage.input_tokens, source=f"last request, API count{cached}"
-        )
+        self._render_meter(usage.input_tokens, source=f"last request, API count{cached}")
         return reply

@@ -19,8 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_run_trials_rows_and_lab1_table(timing_sim_server):
     clients = client("local", base_url=timing_sim_server.base_url)
     prompts = [Prompt("a", "Say hi.", 5), Prompt("b", "Say more.", 12)]
-    rows = run_trials(clients, prompts, trials=2, warmup=1, concurrency=2, progress=False,
-                      extra_headers={"x-labkit-sim": "ttft_ms=30;itl_ms=2;reply_tokens=100"})
+    rows = run_trials(
+        clients,
+        prompts,
+        trials=2,
+        warmup=1,
+        concurrency=2,
+        progress=False,
+        extra_headers={"x-labkit-sim": "ttft_ms=30;itl_ms=2;reply_tokens=100"},
+    )
     assert len(rows) == 2 * 2 * 2 and not any(r.get("error") for r in rows)
     assert {r["mode"] for r in rows} == {"stream", "non_stream"}
     table = per_prompt_table(rows)
@@ -56,27 +63,55 @@ def test_lab1_prompts_span_short_to_long_replies():
 
 def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"id": "one", "prompt": "Hi", "max_tokens": 4}\n'
-                       '{"id": "two", "prompt": "Hello", "max_tokens": 6}\n')
+    prompts.write_text(
+        '{"id": "one", "prompt": "Hi", "max_tokens": 4}\n'
+        '{"id": "two", "prompt": "Hello", "max_tokens": 6}\n'
+    )
     out = tmp_path / "out.csv"
-    result = CliRunner().invoke(app, [
-        "ttft", "--provider", "local", "--base-url", timing_sim_server.base_url,
-        "--prompts", str(prompts), "--trials", "2", "--warmup", "0", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ttft",
+            "--provider",
+            "local",
+            "--base-url",
+            timing_sim_server.base_url,
+            "--prompts",
+            str(prompts),
+            "--trials",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "one" in result.output and "two" in result.output
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 * 2 * 2
     stream = [r for r in rows if r["mode"] == "stream"]
-    assert all(r["text_rel_ns"] and r["ttft_ms"] and r["sent_source"] == "httpx_hook" for r in stream)
+    assert all(
+        r["text_rel_ns"] and r["ttft_ms"] and r["sent_source"] == "httpx_hook" for r in stream
+    )
 
 
 def test_cli_ttft_reads_data_lab1_prompts_from_the_working_directory(
     timing_sim_server, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    args = ["ttft", "--provider", "local", "--base-url", timing_sim_server.base_url,
-            "--trials", "1", "--warmup", "0", "--stream-only"]
+    args = [
+        "ttft",
+        "--provider",
+        "local",
+        "--base-url",
+        timing_sim_server.base_url,
+        "--trials",
+        "1",
+        "--warmup",
+        "0",
+        "--stream-only",
+    ]
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2
     assert "data/lab1_prompts.jsonl" in missing.output and "--prompts" in missing.output

@@ -11,7 +11,9 @@ from labkit.widgets import ChatWidget
 
 def test_widget_builds_without_starting_anything(offline_clients):
     started = dict(providers._servers)
-    widget = ChatWidget(ConversationManager(offline_clients, system_prompt="Be brief."), budget=8192)
+    widget = ChatWidget(
+        ConversationManager(offline_clients, system_prompt="Be brief."), budget=8192
+    )
     assert providers._servers == started, "building a widget starts no local API"
     assert widget.meter.max == 8192 and widget.meter.value > 0, "the system prompt counts"
     assert isinstance(widget.manager.strategy, FullHistory)

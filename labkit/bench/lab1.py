@@ -180,31 +180,54 @@ def run_trials(
     if trials < 1 or warmup < 0 or concurrency < 1:
         raise ConfigurationError(
             f"trials={trials}, warmup={warmup}, concurrency={concurrency} is not a run.",
-            hint="Use trials >= 1, warmup >= 0 and concurrency >= 1.")
+            hint="Use trials >= 1, warmup >= 0 and concurrency >= 1.",
+        )
     if not prompts:
         raise ConfigurationError("No prompts to run.", hint="Pass at least one Prompt.")
     api = api or ("openai" if getattr(clients, "provider", "") == "openai" else "anthropic")
     if api not in ("anthropic", "openai"):
         raise ConfigurationError(f"Unknown API {api!r}.", hint="Use api='anthropic' or 'openai'.")
     for i in range(warmup):
-        measure_stream(clients, prompts[i % len(prompts)], api=api, cache=cache,
-                       extra_headers=extra_headers)
-    jobs = [(t, p, mode) for t in range(trials) for p in prompts
-            for mode in (("stream", "non_stream") if non_stream else ("stream",))]
-    base = {"provider": getattr(clients, "provider", ""), "model": getattr(clients, "model", ""),
-            "api": api, "cache": "on" if cache else "off", "concurrency": concurrency}
+        measure_stream(
+            clients, prompts[i % len(prompts)], api=api, cache=cache, extra_headers=extra_headers
+        )
+    jobs = [
+        (t, p, mode)
+        for t in range(trials)
+        for p in prompts
+        for mode in (("stream", "non_stream") if non_stream else ("stream",))
+    ]
+    base = {
+        "provider": getattr(clients, "provider", ""),
+        "model": getattr(clients, "model", ""),
+        "api": api,
+        "cache": "on" if cache else "off",
+        "concurrency": concurrency,
+    }
 
     def one(job: tuple[int, Prompt, str]) -> dict[str, Any]:
         trial, prompt, mode = job
-        row: dict[str, Any] = {**base, "prompt_id": prompt.id, "max_tokens": prompt.max_tokens,
-                               "trial": trial, "mode": mode, "error": ""}
+        row: dict[str, Any] = {
+            **base,
+            "prompt_id": prompt.id,
+            "max_tokens": prompt.max_tokens,
+            "trial": trial,
+            "mode": mode,
+            "error": "",
+        }
         if mode == "stream":
-            row.update(measure_stream(clients, prompt, api=api, cache=cache,
-                                      extra_headers=extra_headers).row())
+            row.update(
+                measure_stream(
+                    clients, prompt, api=api, cache=cache, extra_headers=extra_headers
+                ).row()
+            )
         else:
             try:
-                row.update(measure_call(clients, prompt, api=api, cache=cache,
-                                        extra_headers=extra_headers).row())
+                row.update(
+                    measure_call(
+                        clients, prompt, api=api, cache=cache, extra_headers=extra_headers
+                    ).row()
+                )
             except Exception as exc:
                 row["error"] = type(exc).__name__
         row["api"] = api
@@ -243,17 +266,22 @@ def per_prompt_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         toks = summarize(r.get("output_tokens") for r in stream)
         itl = summarize(r.get("itl_p50_ms") for r in stream)
         speedup = (nst["median"] / ttft["median"]) if nst["median"] and ttft["median"] else None
-        table.append({
-            "prompt": pid,
-            "output_tokens": toks["median"],
-            "stream_ttft_ms": ttft["median"], "stream_ttft_p10": ttft["p10"],
-            "stream_ttft_p90": ttft["p90"],
-            "stream_total_ms": total["median"], "stream_total_p10": total["p10"],
-            "stream_total_p90": total["p90"],
-            "non_stream_total_ms": nst["median"], "non_stream_total_p10": nst["p10"],
-            "non_stream_total_p90": nst["p90"],
-            "ttft_speedup": speedup,
-            "itl_p50_ms": itl["median"],
-            "n": ttft["n"],
-        })
+        table.append(
+            {
+                "prompt": pid,
+                "output_tokens": toks["median"],
+                "stream_ttft_ms": ttft["median"],
+                "stream_ttft_p10": ttft["p10"],
+                "stream_ttft_p90": ttft["p90"],
+                "stream_total_ms": total["median"],
+                "stream_total_p10": total["p10"],
+                "stream_total_p90": total["p90"],
+                "non_stream_total_ms": nst["median"],
+                "non_stream_total_p10": nst["p10"],
+                "non_stream_total_p90": nst["p90"],
+                "ttft_speedup": speedup,
+                "itl_p50_ms": itl["median"],
+                "n": ttft["n"],
+            }
+        )
     return table

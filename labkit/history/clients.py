@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["require_clients", "sdk_client", "model_of"]
+__all__ = ["model_of", "require_clients", "sdk_client"]
 
 _HINT = (
     "Pass the clients in: ConversationManager(labkit.providers.client(), ...) "

@@ -79,4 +79,3 @@ def course_sliding_window(
 
     return result
 # fmt: on
-

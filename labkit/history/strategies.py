@@ -46,6 +46,7 @@ __all__ = [
 
 Message = dict[str, Any]
 
+
 @dataclass
 class Selection:
     """What a strategy chose to send for one request."""
@@ -265,4 +266,3 @@ class KeepLastTurns(_Indexed):
             return Selection(list(messages), 0, fixed + idx.prefix[-1], False, self.name)
         last = len(idx.user_at) - 1
         return self._from(messages, idx, fixed, max(last - self.keep_turns, 0))
-

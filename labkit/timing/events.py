@@ -36,7 +36,6 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-
 def usage_counts(usage: Any) -> dict[str, int]:
     """``input_tokens`` (the whole prompt), ``cached_tokens`` and ``output_tokens`` of an
     Anthropic or OpenAI usage object (or dict), as far as it reports them (note 2)."""
@@ -151,4 +150,3 @@ def finish(timing: StreamTiming, t_ns: int, error: BaseException | None = None) 
     if timing.output_tokens is None and timing.text:
         timing.output_tokens = count_tokens(timing.text)
         timing.output_tokens_source = "tiktoken_estimate"
-

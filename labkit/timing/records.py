@@ -250,8 +250,11 @@ class StreamTiming:
 
     def event_table(self) -> list[dict[str, Any]]:
         """The events as rows (``t_ms`` since request sent), for a DataFrame."""
-        base = self.sent_ns if self.sent_ns is not None else (
-            self.events[0].t_ns if self.events else 0)
+        base = (
+            self.sent_ns
+            if self.sent_ns is not None
+            else (self.events[0].t_ns if self.events else 0)
+        )
         return [
             {"t_ms": (e.t_ns - base) / _NS, "type": e.type, "kind": e.kind, "text": e.text}
             for e in self.events
@@ -299,10 +302,11 @@ class CallTiming:
         }
 
 
-
 def summarize(values: Iterable[float | None]) -> dict[str, float | None]:
     """median, p10, p90, mean, min, max and n of the non-None values."""
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    xs = [
+        float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))
+    ]
     return {
         "n": len(xs),
         "median": percentile(xs, 50),
@@ -312,4 +316,3 @@ def summarize(values: Iterable[float | None]) -> dict[str, float | None]:
         "min": min(xs) if xs else None,
         "max": max(xs) if xs else None,
     }
-

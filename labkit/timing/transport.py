@@ -153,4 +153,3 @@ def adopt_transport_stamps(timing: StreamTiming, stream: Any) -> dict[str, int] 
         timing.headers_ns = stamps.get("headers_ns", timing.headers_ns)
         return stamps
     return None
-

@@ -306,4 +306,3 @@ async def atimed_call(
     result = await func(*args, **kwargs)
     end = time.perf_counter_ns()
     return result, _call_timing(result, sent, end)
-
