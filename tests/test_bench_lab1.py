@@ -16,8 +16,8 @@ from labkit.providers import client
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_run_trials_rows_and_lab1_table(timing_sim_server):
-    clients = client("local", base_url=timing_sim_server.base_url)
+def test_run_trials_rows_and_lab1_table(sim_api):
+    clients = client("local", base_url=sim_api.base_url)
     prompts = [Prompt("a", "Say hi.", 5), Prompt("b", "Say more.", 12)]
     rows = run_trials(
         clients,
@@ -38,8 +38,8 @@ def test_run_trials_rows_and_lab1_table(timing_sim_server):
         assert r["ttft_speedup"] == pytest.approx(r["non_stream_total_ms"] / r["stream_ttft_ms"])
 
 
-def test_run_trials_refuses_an_empty_prompt_list(timing_sim_server):
-    clients = client("local", base_url=timing_sim_server.base_url)
+def test_run_trials_refuses_an_empty_prompt_list(sim_api):
+    clients = client("local", base_url=sim_api.base_url)
     with pytest.raises(ConfigurationError, match="No prompts"):
         run_trials(clients, [], progress=False)
 
@@ -61,7 +61,7 @@ def test_lab1_prompts_span_short_to_long_replies():
     assert len(prompts) == 5 and caps == sorted(caps) and caps[0] <= 64 and caps[-1] >= 500
 
 
-def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
+def test_cli_ttft_writes_one_csv_row_per_request(sim_api, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         '{"id": "one", "prompt": "Hi", "max_tokens": 4}\n'
@@ -75,7 +75,7 @@ def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
             "--provider",
             "local",
             "--base-url",
-            timing_sim_server.base_url,
+            sim_api.base_url,
             "--prompts",
             str(prompts),
             "--trials",
@@ -97,7 +97,7 @@ def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
 
 
 def test_cli_ttft_reads_data_lab1_prompts_from_the_working_directory(
-    timing_sim_server, tmp_path, monkeypatch
+    sim_api, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     args = [
@@ -105,7 +105,7 @@ def test_cli_ttft_reads_data_lab1_prompts_from_the_working_directory(
         "--provider",
         "local",
         "--base-url",
-        timing_sim_server.base_url,
+        sim_api.base_url,
         "--trials",
         "1",
         "--warmup",
