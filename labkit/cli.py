@@ -127,13 +127,13 @@ def local_api(
     serve(name, host=host, port=port, on_listening=listening, log_level="warning", **opts)
 
 
-# ── ttft (labkit.timing) ──────────────────────────────────────────────────────
+# ── ttft (labkit.bench.lab1) ───────────────────────────────────────────────────
 
 
 @app.command()
 @friendly_errors
 def ttft(
-    prompts: str = typer.Option(None, "--prompts", help="JSON-lines prompts file (default: data/lab1_prompts.jsonl)."),
+    prompts: str = typer.Option("data/lab1_prompts.jsonl", "--prompts", help="JSON-lines prompts file (id, prompt, max_tokens per line), relative to the working directory."),
     provider: str = typer.Option(None, "--provider", help="local (default, or $LABKIT_PROVIDER), anthropic or openai."),
     base_url: str = typer.Option(None, "--base-url", help="Send requests here (any compatible server)."),
     model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
@@ -151,9 +151,9 @@ def ttft(
 
     from rich.table import Table
 
+    from .bench.lab1 import load_prompts, per_prompt_table, run_trials
     from .errors import ConfigurationError
     from .providers import client
-    from .timing import load_prompts, per_prompt_table, run_trials
 
     if cache not in ("on", "off"):
         raise ConfigurationError(f"--cache must be on or off, not {cache!r}.", hint="Use --cache on or --cache off.")

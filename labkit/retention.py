@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import upstream
 from .errors import ConfigurationError
 from .history import Strategy
+from .history.clients import model_of, sdk_client
 from .tokens import TokenCounter, exact_count, message_text, supports_exact_count
 
 __all__ = [
@@ -139,7 +141,8 @@ class ProbeResult:
     #: The answer the method picked or generated.
     said: str
     correct: bool
-    #: Tokens the provider reported for the probe request (0 when it reports none).
+    #: Prompt tokens the provider reported for the probe request, cached or not
+    #: (0 when it reports none).
     input_tokens: int = 0
 
 
@@ -164,15 +167,22 @@ def rank_probe(clients: Any) -> Probe:
 
 
 def prefill_probe(clients: Any, *, max_tokens: int = 8) -> Probe:
-    """Prefill the answer's start and let the model continue greedily for a few tokens."""
-    from .history import _Backend
+    """Prefill the answer's start and let the model continue greedily for a few tokens.
+
+    ``clients`` is a :class:`labkit.providers.Clients` or a sync SDK client with a
+    ``model`` (see :mod:`labkit.history.clients`). OpenAI has no assistant prefill, so
+    there the probe question is sent as it is.
+    """
+    model = model_of(clients, None)
 
     def probe(messages: list[Message], system: str, fact: Fact) -> ProbeResult:
-        backend = _Backend(clients, clients.model, max_tokens, 0.0)
-        sent = _with_prefill(messages, fact) if not backend.openai else messages
-        text, usage = backend.create(system, sent)
-        said = text.strip()
-        return ProbeResult(said, fact.answer.lower() in said.lower(), usage["input_tokens"])
+        client = sdk_client(clients)
+        prefill = upstream.api_of(client) == "anthropic"
+        sent = _with_prefill(messages, fact) if prefill else messages
+        request = upstream.Request(model, sent, max_tokens, system=system, temperature=0.0)
+        reply = upstream.create(client, request)
+        said = reply.text.strip()
+        return ProbeResult(said, fact.answer.lower() in said.lower(), reply.input_tokens)
 
     return probe
 

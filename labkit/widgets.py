@@ -8,14 +8,16 @@ Notes:
 
 1. The meter shows labkit's tiktoken *estimate* of what the strategy selects —
    system prompt, sent messages and priming — for the text being typed, and after
-   each reply the API's own ``input_tokens`` for the request just made. Typing
-   does not preview a strategy that may call a model (:class:`Summarise`).
+   each reply the API's own count of the whole prompt just sent, cached tokens
+   included (a prompt cache makes a request cheaper, not shorter); the cached part
+   is shown apart. Typing does not preview a strategy that may call a model
+   (:class:`Summarise`).
 2. Sending runs in the kernel's widget-message handler, so the transcript updates
    chunk by chunk as the stream arrives. Errors (an upstream failure, a message
    over the budget) are shown in the transcript, and the turn is not kept, exactly
    as :class:`ConversationManager` documents.
-3. Nothing is created at import: a :class:`ChatWidget` only starts the local API
-   (through the manager's clients) when the first message is sent.
+3. The widget builds no client: it uses the clients its manager was given (the
+   notebook passes them in), so building one starts nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def default_strategies(manager: ConversationManager, budget: int) -> dict[str, S
         f"Sliding window ({budget // 2:,} tokens)": SlidingWindow(budget // 2),
         f"Sliding window ({budget // 8:,} tokens)": SlidingWindow(budget // 8),
         f"Last 10 turns over {budget // 2:,} tokens": KeepLastTurns(budget // 2, 10),
-        "Summarise (keep 6 turns)": Summarise(model_summariser(manager._clients), keep_recent=6),
+        "Summarise (keep 6 turns)": Summarise(model_summariser(manager.clients), keep_recent=6),
     }
 
 
@@ -190,12 +192,17 @@ class ChatWidget:
             return None
         finally:
             self.send_button.disabled = False
-        last = self.manager.history[-1]
+        usage = self.manager.usage[-1]
         sel = self.manager.last_selection
         dropped = f", {sel.dropped_turns} turn(s) left out" if sel and sel.dropped_turns else ""
+        if usage.input_tokens is None:  # the server sent no usage: show the estimate
+            self.status.value = f"<i>turn {usage.turn}: no usage reported by the API{dropped}</i>"
+            self._render_meter(usage.estimated_tokens, source="last request, estimate")
+            return reply
+        cached = f", {usage.cached_tokens:,} of them cached" if usage.cached_tokens else ""
         self.status.value = (
-            f"<i>turn {self.manager.turn_count}: {last.input_tokens} input tokens "
-            f"(API), {last.tokens} output tokens{dropped}</i>"
+            f"<i>turn {usage.turn}: {usage.input_tokens:,} input tokens{cached} (API), "
+            f"{usage.output_tokens} output tokens{dropped}</i>"
         )
-        self._render_meter(last.input_tokens or 0, source="last request, API count")
+        self._render_meter(usage.input_tokens, source=f"last request, API count{cached}")
         return reply

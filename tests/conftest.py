@@ -115,6 +115,15 @@ def timing_sim_server() -> Iterator[object]:
 
 
 @pytest.fixture
+def offline_clients() -> object:
+    """labkit Clients aimed at a port nothing listens on: managers and widgets built with
+    them need no server and start none (a request would fail to connect)."""
+    from labkit.providers import Clients
+
+    return Clients("local", "smollm2-135m-instruct", "http://127.0.0.1:9", "llama", "x")
+
+
+@pytest.fixture
 def sim_clients(sim_api: object) -> object:
     """labkit Clients for the sim-engine local API (a fresh object: tests may add headers)."""
     from labkit.providers import client

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import pairwise
 
 import pytest
 
-from labkit.errors import ContextBudgetError, InvalidMessageError, UpstreamError
+from labkit.errors import (
+    ConfigurationError,
+    ContextBudgetError,
+    InvalidMessageError,
+    UpstreamError,
+)
 from labkit.history import (
     SUMMARY_ACK,
     SUMMARY_MARKER,
@@ -20,7 +26,7 @@ from labkit.history import (
     model_summariser,
 )
 from labkit.providers import Clients
-from labkit.tokens import REPLY_PRIMING, TokenCounter, count_messages
+from labkit.tokens import REPLY_PRIMING, TokenCounter, count_messages, exact_count
 
 
 def u(text: str) -> dict:
@@ -425,8 +431,8 @@ def test_summarise_with_a_model_summariser_records_its_usage(sim_clients):
     assert len(used) == strat.calls >= 1 and used[0][0] > 0
 
 
-def test_load_history_accepts_complete_turns_only():
-    conv = ConversationManager(None)
+def test_load_history_accepts_complete_turns_only(offline_clients):
+    conv = ConversationManager(offline_clients)
     conv.load_history(conversation(3))
     assert conv.turn_count == 3 and conv.messages() == conversation(3)
     with pytest.raises(InvalidMessageError):
@@ -434,3 +440,63 @@ def test_load_history_accepts_complete_turns_only():
     with pytest.raises(InvalidMessageError):
         conv.load_history([a("starts on the assistant"), u("x")])
     assert conv.turn_count == 3, "a refused history changes nothing"
+
+
+# ── clients are passed in, never built ───────────────────────────────────────
+
+
+def test_a_manager_or_summariser_without_clients_is_a_configuration_error():
+    with pytest.raises(ConfigurationError) as info:
+        ConversationManager(None)
+    assert "providers.client()" in info.value.hint
+    with pytest.raises(ConfigurationError):
+        model_summariser(None)
+
+
+def test_history_imports_neither_providers_nor_the_local_api():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, labkit.history; "
+        "print(sorted(m for m in sys.modules if m.startswith(('labkit.providers', 'labkit.localapi'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_manager_takes_a_bare_sdk_client_with_a_model(sim_api):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=sim_api.base_url, api_key="x")
+    with pytest.raises(ConfigurationError, match="model"):
+        ConversationManager(client)
+    conv = ConversationManager(client, model="smollm2-135m-instruct", max_tokens=10)
+    assert conv.chat("hello") and conv.turn_count == 1
+    with pytest.raises(ConfigurationError, match="async"):
+        asyncio.run(conv.achat("hello"))  # a sync client cannot serve the async twin
+
+
+# ── input tokens are the whole prompt, on the real model's prefix cache ──────
+
+
+@pytest.mark.llama
+def test_input_tokens_count_the_whole_prompt_when_the_prefix_cache_serves_it(llama_api):
+    """Issue: with a warm prefix cache the local API reports most of the prompt as
+    ``cache_read_input_tokens``; the manager must still count every token sent."""
+    clients = Clients("local", "smollm2-135m-instruct", llama_api.base_url, "llama", "x")
+    conv = ConversationManager(clients, system_prompt="Be brief.", max_tokens=12, temperature=0)
+    for question in ("My name is Ajay.", "I live in Leeds.", "What is my name?"):
+        sent = [*conv.messages(), {"role": "user", "content": question}]
+        conv.chat(question)
+        used = conv.usage[-1]
+        assert used.input_tokens == exact_count(clients, sent, conv.system_prompt), (
+            "input tokens are the model's own count of everything sent"
+        )
+        estimate = count_messages(sent, conv.system_prompt)
+        assert used.input_tokens >= estimate == used.estimated_tokens, "never below the estimate"
+    inputs = [row.input_tokens for row in conv.usage]
+    assert inputs == sorted(set(inputs)), f"each turn sends more than the last: {inputs}"
+    cached = [row.cached_tokens for row in conv.usage]
+    assert all(c > 0 for c in cached[1:]), f"the prefix cache served later turns: {cached}"
+    assert all(c < i for c, i in zip(cached, inputs, strict=True))

@@ -68,10 +68,11 @@ def test_summarize_ignores_missing_values():
 # ── pure: accumulating SDK events ─────────────────────────────────────────────
 
 
-def _anthropic_events(words: list[str], output_tokens: int | None) -> list[object]:
+def _anthropic_events(words: list[str], output_tokens: int | None, cached: int = 0) -> list[object]:
+    usage = Usage(input_tokens=11, output_tokens=1, cache_read_input_tokens=cached)
     msg = Message(
         id="m", type="message", role="assistant", model=MODEL, content=[],
-        stop_reason=None, stop_sequence=None, usage=Usage(input_tokens=11, output_tokens=1),
+        stop_reason=None, stop_sequence=None, usage=usage,
     )
     events: list[object] = [
         RawMessageStartEvent(type="message_start", message=msg),
@@ -134,6 +135,35 @@ def test_openai_role_chunk_is_an_event_but_not_the_first_token():
     assert timing.ttft_ms == 55.0  # the first non-empty content
     assert timing.itl_ms == [5.0]
     assert (timing.output_tokens, timing.input_tokens) == (2, 5)
+
+
+def test_anthropic_input_tokens_add_back_the_prompt_cache_reads():
+    # Anthropic reports cache reads apart from input_tokens (11 uncached + 164 cached).
+    timing = _feed(_anthropic_events(["hi"], output_tokens=1, cached=164), 0, MS)
+    assert (timing.input_tokens, timing.cached_tokens) == (175, 164)
+    row = timing.row()
+    assert (row["input_tokens"], row["cached_tokens"]) == (175, 164)
+
+
+def test_openai_cached_tokens_are_shown_apart_within_prompt_tokens():
+    chunk = ChatCompletionChunk.model_validate({
+        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": [],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 2, "total_tokens": 52,
+                  "prompt_tokens_details": {"cached_tokens": 32}},
+    })
+    timing = _feed([chunk], 0, MS)
+    assert (timing.input_tokens, timing.cached_tokens, timing.output_tokens) == (50, 32, 2)
+
+
+def test_timed_call_counts_cache_reads_in_input_tokens():
+    msg = Message(
+        id="m", type="message", role="assistant", model=MODEL, stop_reason="end_turn",
+        content=[TextBlock(type="text", text="hello")],
+        usage=Usage(input_tokens=12, output_tokens=3, cache_read_input_tokens=164),
+    )
+    _, t = timed_call(lambda: msg)
+    assert (t.input_tokens, t.cached_tokens, t.output_tokens) == (176, 164, 3)
+    assert t.row()["cached_tokens"] == 164
 
 
 def test_anthropic_helper_events_are_not_counted_twice():
@@ -372,77 +402,3 @@ def test_measured_ttft_and_itl_match_sim_ground_truth(clients, ttft, itl):
     itl_err = statistics.median(itls) - itl
     assert -1.0 <= ttft_err <= 15.0, ttfts  # never early; a loaded machine may add a little
     assert abs(itl_err) <= 3.0, itls
-
-
-# ── the runner and `labkit ttft` ──────────────────────────────────────────────
-
-
-def test_run_trials_rows_and_lab1_table(timing_sim_server):
-    from labkit.providers import client
-    from labkit.timing import Prompt, per_prompt_table, run_trials
-
-    clients = client("local", base_url=timing_sim_server.base_url)
-    prompts = [Prompt("a", "Say hi.", 5), Prompt("b", "Say more.", 12)]
-    rows = run_trials(clients, prompts, trials=2, warmup=1, concurrency=2, progress=False,
-                      extra_headers=_sim(ttft_ms=30, itl_ms=2, reply_tokens=100))
-    assert len(rows) == 2 * 2 * 2 and not any(r.get("error") for r in rows)
-    assert {r["mode"] for r in rows} == {"stream", "non_stream"}
-    table = per_prompt_table(rows)
-    assert [r["prompt"] for r in table] == ["a", "b"]
-    assert [r["output_tokens"] for r in table] == [5, 12]  # max_tokens caps the sim reply
-    for r in table:
-        assert r["stream_ttft_ms"] >= 30 and r["non_stream_total_ms"] > r["stream_ttft_ms"]
-        assert r["ttft_speedup"] == pytest.approx(r["non_stream_total_ms"] / r["stream_ttft_ms"])
-
-
-def test_load_prompts_rejects_a_bad_file(tmp_path):
-    from labkit.timing import load_prompts
-
-    bad = tmp_path / "p.jsonl"
-    bad.write_text('{"id": "x", "prompt": "hi"}\n')
-    with pytest.raises(ConfigurationError, match="not a prompt line") as info:
-        load_prompts(bad)
-    assert "max_tokens" in info.value.hint
-    with pytest.raises(ConfigurationError, match="not found"):
-        load_prompts(tmp_path / "missing.jsonl")
-
-
-def test_default_lab1_prompts_span_short_to_long_replies():
-    from labkit.timing import load_prompts
-
-    prompts = load_prompts()
-    caps = [p.max_tokens for p in prompts]
-    assert len(prompts) == 5 and caps == sorted(caps) and caps[0] <= 64 and caps[-1] >= 500
-
-
-def test_cli_ttft_writes_one_csv_row_per_request(timing_sim_server, tmp_path):
-    import csv
-
-    from typer.testing import CliRunner
-
-    from labkit.cli import app
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"id": "one", "prompt": "Hi", "max_tokens": 4}\n'
-                       '{"id": "two", "prompt": "Hello", "max_tokens": 6}\n')
-    out = tmp_path / "out.csv"
-    result = CliRunner().invoke(app, [
-        "ttft", "--provider", "local", "--base-url", timing_sim_server.base_url,
-        "--prompts", str(prompts), "--trials", "2", "--warmup", "0", "--out", str(out),
-    ])
-    assert result.exit_code == 0, result.output
-    assert "one" in result.output and "two" in result.output
-    rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 2 * 2 * 2
-    stream = [r for r in rows if r["mode"] == "stream"]
-    assert all(r["text_rel_ns"] and r["ttft_ms"] and r["sent_source"] == "httpx_hook" for r in stream)
-
-
-def test_cli_ttft_bad_cache_value_is_a_clear_error():
-    from typer.testing import CliRunner
-
-    from labkit.cli import app
-
-    result = CliRunner().invoke(app, ["ttft", "--cache", "maybe"])
-    assert result.exit_code == 2
-    assert "--cache must be on or off" in result.output

@@ -1,21 +1,27 @@
-"""labkit.widgets: the chat widget drives a ConversationManager (sim engine)."""
+"""labkit.widgets: the chat widget drives a ConversationManager (sim and llama engines)."""
 
 from __future__ import annotations
 
+import pytest
+
+from labkit import providers
 from labkit.history import ConversationManager, FullHistory, SlidingWindow
 from labkit.widgets import ChatWidget
 
 
-def test_widget_builds_without_starting_anything():
-    widget = ChatWidget(ConversationManager(None, system_prompt="Be brief."), budget=8192)
-    assert widget.manager._clients is None, "no client before the first send"
+def test_widget_builds_without_starting_anything(offline_clients):
+    started = dict(providers._servers)
+    widget = ChatWidget(
+        ConversationManager(offline_clients, system_prompt="Be brief."), budget=8192
+    )
+    assert providers._servers == started, "building a widget starts no local API"
     assert widget.meter.max == 8192 and widget.meter.value > 0, "the system prompt counts"
     assert isinstance(widget.manager.strategy, FullHistory)
     assert widget.picker.value == "Full history"
 
 
-def test_widget_meter_follows_typing_and_the_strategy_picker():
-    conv = ConversationManager(None)
+def test_widget_meter_follows_typing_and_the_strategy_picker(offline_clients):
+    conv = ConversationManager(offline_clients)
     widget = ChatWidget(conv, budget=1000)
     before = widget.meter.value
     widget.text.value = "word " * 200
@@ -48,3 +54,19 @@ def test_widget_shows_an_upstream_error_and_keeps_no_turn(sim_clients):
     assert widget.transcript_text[-1][0] == "error"
     assert widget.manager.history == []
     assert not widget.send_button.disabled
+
+
+@pytest.mark.llama
+def test_widget_meter_shows_the_whole_prompt_when_the_prefix_cache_serves_it(llama_api):
+    """Seen in a browser: after three turns the meter read the uncached 25 tokens of a
+    ~120-token request. It must show everything sent, and say how much was cached."""
+    clients = providers.Clients("local", "smollm2-135m-instruct", llama_api.base_url, "llama", "x")
+    widget = ChatWidget(ConversationManager(clients, max_tokens=12, temperature=0))
+    readings = []
+    for message in ("My name is Ajay.", "I live in Leeds.", "What is my name?"):
+        assert widget.send(message) is not None
+        readings.append(widget.meter.value)
+        assert widget.meter.value == widget.manager.usage[-1].input_tokens
+    assert readings == sorted(set(readings)), f"the meter rises every turn: {readings}"
+    assert widget.manager.usage[-1].cached_tokens > 0
+    assert "cached" in widget.meter_label.value and "cached" in widget.status.value

@@ -58,7 +58,7 @@ class ChatSession:
         store: SessionStore,
         *,
         session_id: str | None = None,
-        clients: Any = None,
+        clients: Any,
         system: str | None = None,
         summarise: bool = False,
         max_tokens: int = 512,

@@ -1,0 +1,1 @@
+"""What notebooks and benchmarks/ share for side-by-side measurements."""
