@@ -56,7 +56,8 @@ labs: $(STAMP)  ## run every notebook top to bottom on the offline default; writ
 LAB_PORT ?= 8888
 lab: $(STAMP)  ## open the labs in JupyterLab (prints the URL; LABKIT_QUICK=1 for short runs)
 	@echo "Opening JupyterLab on notebooks/ (kernel: Python (labkit); provider: $${LABKIT_PROVIDER:-local})"
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) --ServerApp.open_browser=$${LAB_OPEN_BROWSER:-True}
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) --ServerApp.open_browser=$${LAB_OPEN_BROWSER:-True} \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # The browser test drives Debian's Chromium (never a downloaded browser). As root with apt
 # (CI, a fresh container) it is installed here; otherwise the test says how to get it.

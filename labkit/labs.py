@@ -18,6 +18,7 @@ Notes:
 from __future__ import annotations
 
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -31,6 +32,15 @@ _KEEP_CELL_METADATA = {"tags"}
 #: The kernel ``make install`` registers in the venv (``ipykernel install --sys-prefix``).
 KERNEL_NAME = "labkit"
 KERNELSPEC = {"display_name": "Python (labkit)", "language": "python", "name": KERNEL_NAME}
+_LANGUAGE_INFO = {
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "file_extension": ".py",
+    "mimetype": "text/x-python",
+    "name": "python",
+    "nbconvert_exporter": "python",
+    "pygments_lexer": "ipython3",
+    "version": platform.python_version(),
+}
 
 
 def find_notebooks(root: Path | None = None) -> list[Path]:
@@ -48,9 +58,12 @@ def strip_metadata(nb: dict | object) -> None:
     Widget outputs (tqdm bars, the chat widget) are dropped too: without the widget
     state they cannot render, and their text fallback ("0%|") would misreport them.
     """
+    language = nb.metadata.get("language_info") or {}  # type: ignore[attr-defined]
     nb.metadata = {  # type: ignore[attr-defined]
         "kernelspec": dict(KERNELSPEC),
-        "language_info": {"name": "python"},
+        # What the kernel reports, as JupyterLab would write it on opening (else it marks
+        # the notebook modified); the Python version is the venv's.
+        "language_info": {**_LANGUAGE_INFO, **language, "name": "python"},
     }
     for cell in nb.cells:  # type: ignore[attr-defined]
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in _KEEP_CELL_METADATA}
