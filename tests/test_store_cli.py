@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from labkit.cli import app
 from labkit.store import open_store
-from labkit.store.cli import format_age
+from labkit.chat.sessions_cli import format_age
 
 runner = CliRunner()
 

@@ -15,7 +15,8 @@ import pytest
 
 from labkit.errors import SessionNotFoundError, StoreError, StoreUnavailableError
 from labkit.store import open_store
-from labkit.store.redis import DEFAULT_TTL_S, RedisStore, ThrowawayServer
+from labkit.services import ThrowawayServer
+from labkit.store.redis import DEFAULT_TTL_S, RedisStore
 
 pytestmark = pytest.mark.redis
 
@@ -168,7 +169,7 @@ def test_store_recovers_when_the_server_comes_back():
 
 
 def test_compare_stores_times_all_three_on_whole_sessions(tmp_path, redis_url):
-    from labkit.store.bench import compare_stores, course_functions
+    from labkit.bench.store import compare_stores, course_functions
 
     save, load = course_functions(str(tmp_path / "course_only.db"))
     save("c1", "hi", "hello", 3)

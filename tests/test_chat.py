@@ -13,7 +13,7 @@ import pytest
 
 from labkit.errors import SessionNotFoundError
 from labkit.store import open_store
-from labkit.store.chat import ChatProcess
+from labkit.services import ChatProcess
 
 
 @pytest.fixture(scope="module")
