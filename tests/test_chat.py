@@ -12,8 +12,8 @@ import time
 import pytest
 
 from labkit.errors import SessionNotFoundError
-from labkit.store import open_store
 from labkit.services import ChatProcess
+from labkit.store import open_store
 
 
 @pytest.fixture(scope="module")

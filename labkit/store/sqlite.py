@@ -195,9 +195,7 @@ _SESSION_COLS = (
 
 # What load_history runs ('user' > 'assistant', so role DESC puts the user message
 # first in each turn); explain_load() shows SQLite's plan for these very statements.
-_HISTORY_SQL = (
-    "SELECT role, content FROM messages WHERE session_id = ? ORDER BY turn, role DESC"
-)
+_HISTORY_SQL = "SELECT role, content FROM messages WHERE session_id = ? ORDER BY turn, role DESC"
 _HISTORY_LAST_N_SQL = (
     "SELECT role, content FROM messages WHERE session_id = ? AND turn >="
     " (SELECT turn_count - ? FROM sessions WHERE id = ?) ORDER BY turn, role DESC"
@@ -359,13 +357,9 @@ class SQLiteStore(SessionStore):
         meta_json: str | None,
     ) -> None:
         """Turn ``n`` (0-based) of a session whose turn count is ``n``: two rows and the totals."""
-        db.executemany(
-            _INSERT_MESSAGE_SQL,
-            (
-                (session_id, n, "user", user, 0, 0, now, None),
-                (session_id, n, "assistant", assistant, input_tokens, output_tokens, now, meta_json),
-            ),
-        )
+        asked = (session_id, n, "user", user, 0, 0, now, None)
+        reply = (session_id, n, "assistant", assistant, input_tokens, output_tokens, now, meta_json)
+        db.executemany(_INSERT_MESSAGE_SQL, (asked, reply))
         db.execute(_ADD_TURN_SQL, (n + 1, now, input_tokens, output_tokens, session_id))
 
     def load_turns(self, session_id: str, last_n_turns: int = 0) -> list[TurnRecord]:
