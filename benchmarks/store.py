@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 
-from labkit.store.bench import compare_stores
+from labkit.bench.store import compare_stores
 
 
 def main(argv: list[str] | None = None) -> int:

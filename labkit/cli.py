@@ -209,7 +209,7 @@ def sessions_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List sessions, most recently updated first."""
-    from .store.cli import print_session_list
+    from .chat.sessions_cli import print_session_list
 
     print_session_list(store, as_json=as_json)
 
@@ -222,7 +222,7 @@ def sessions_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (info, summary, turns)."),
 ) -> None:
     """Show one session: its stats, summary and every turn."""
-    from .store.cli import print_session
+    from .chat.sessions_cli import print_session
 
     print_session(store, session_id, as_json=as_json)
 
@@ -234,7 +234,7 @@ def sessions_delete(
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
 ) -> None:
     """Delete a session with its turns and summary."""
-    from .store.cli import delete_session
+    from .chat.sessions_cli import delete_session
 
     delete_session(store, session_id)
 
@@ -254,7 +254,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest reply, in tokens."),
 ) -> None:
     """Chat in the terminal; every complete turn is saved. Ctrl+C cancels a reply, Ctrl+D ends."""
-    from .store.chat import run_chat
+    from .chat.terminal import run_chat
 
     run_chat(
         session_id=session,

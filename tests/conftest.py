@@ -19,7 +19,7 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from labkit.store.redis import throwaway_server
+    from labkit.services import throwaway_server
 
     with throwaway_server() as url:
         yield url

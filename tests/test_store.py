@@ -252,6 +252,22 @@ def test_invalid_ids_raise_invalid_session_id_everywhere(store, bad):
 # ── persistence ───────────────────────────────────────────────────────────────
 
 
+def test_bulk_append_stores_whole_turns_in_order_and_skips_unknown_sessions(store):
+    a, b = store.create_session().id, store.create_session().id
+    gone = "0" * 32
+    turns = [(sid, f"u{i}-{sid[:4]}", f"a{i}", 10, 2) for i in range(3) for sid in (a, gone, b)]
+    assert store.bulk_append(turns, batch=2) == 6  # batches split turns of one session
+    for sid in (a, b):
+        turns_back = store.load_turns(sid)
+        assert [(t.index, t.user, t.assistant) for t in turns_back] == [
+            (i, f"u{i}-{sid[:4]}", f"a{i}") for i in range(3)
+        ]
+        info = store.get_session(sid)
+        assert (info.turn_count, info.input_tokens, info.output_tokens) == (3, 30, 6)
+    assert not store.exists(gone)
+    assert store.append_turn(a, "next", "turn") == 4  # the per-turn API carries on after
+
+
 def test_a_new_store_on_the_same_url_sees_everything(store_url):
     with open_store(store_url) as first:
         sid = first.create_session(system_prompt="p").id
@@ -289,16 +305,32 @@ def test_turn_lock_is_released_when_the_turn_raises(store):
 
 def test_turn_lock_is_per_session(store):
     a, b = store.create_session().id, store.create_session().id
-    with store.turn_lock(a), store.turn_lock(b):
-        pass
+    with store.turn_lock(a):
+        with store.turn_lock(b):  # another session is not blocked by a's turn ...
+            for sid in (a, b):  # ... while each one is held for real
+                with pytest.raises(SessionBusyError), store.turn_lock(sid):
+                    pass
+        with pytest.raises(SessionBusyError), store.turn_lock(a):  # b's release kept a's lock
+            pass
 
 
 def test_expired_lease_can_be_taken_over(store):
     sid = store.create_session().id
-    with store.turn_lock(sid, lease_s=0.2):
-        time.sleep(0.35)
-        with store.turn_lock(sid):  # the first holder's lease ran out
+    lease_s = 1.0
+    t0 = time.monotonic()
+    with store.turn_lock(sid, lease_s=lease_s):
+        with pytest.raises(SessionBusyError), store.turn_lock(sid):  # held while the lease runs
             pass
+        deadline = time.monotonic() + lease_s + 10
+        while True:  # poll: taken over once the first holder's lease has run out
+            try:
+                with store.turn_lock(sid):
+                    took = time.monotonic() - t0
+                break
+            except SessionBusyError:
+                assert time.monotonic() < deadline, f"lease of {lease_s} s never expired"
+                time.sleep(0.05)
+    assert took >= lease_s  # not before the lease ran out
 
 
 def _hold_lock(url: str, sid: str, held, release, lease_s: float) -> None:

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from labkit.errors import SessionNotFoundError, StoreError, StoreUnavailableError
+from labkit.services import ThrowawayServer
 from labkit.store import open_store
-from labkit.store.redis import DEFAULT_TTL_S, RedisStore, ThrowawayServer
+from labkit.store.redis import DEFAULT_TTL_S, RedisStore
 
 pytestmark = pytest.mark.redis
 
@@ -168,7 +169,7 @@ def test_store_recovers_when_the_server_comes_back():
 
 
 def test_compare_stores_times_all_three_on_whole_sessions(tmp_path, redis_url):
-    from labkit.store.bench import compare_stores, course_functions
+    from labkit.bench.store import compare_stores, course_functions
 
     save, load = course_functions(str(tmp_path / "course_only.db"))
     save("c1", "hi", "hello", 3)
@@ -182,7 +183,9 @@ def test_compare_stores_times_all_three_on_whole_sessions(tmp_path, redis_url):
     )  # fmt: skip
     got = {(r["store"], r["op"]): r for r in rows}
     assert set(got) == {
-        (s, op) for s in ("labkit sqlite", "labkit redis", "course get_db()") for op in ("load", "append")
+        (s, op)
+        for s in ("labkit sqlite", "labkit redis", "course get_db()")
+        for op in ("load", "append")
     }
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert got[("course get_db()", "load")]["n"] == 3

@@ -50,15 +50,10 @@ def test_wal_and_foreign_keys_are_on(tmp_path):
 
 def test_loading_one_session_uses_the_index_not_a_scan(tmp_path):
     with SQLiteStore(tmp_path / "s.db") as store:
-        plan = " ".join(
-            row[3]
-            for row in store._db.execute(
-                "EXPLAIN QUERY PLAN SELECT role, content FROM messages WHERE session_id = ?"
-                " ORDER BY turn, role DESC",
-                ("0" * 32,),
-            )
-        )
-        assert "messages_session_turn" in plan and "SCAN messages" not in plan
+        for last_n in (0, 3):  # the whole history, and the last turns only
+            plan = " | ".join(store.explain_load(last_n))
+            assert "SEARCH messages USING INDEX messages_session_turn" in plan, plan
+            assert "SCAN messages" not in plan, plan
 
 
 def test_deleting_a_session_cascades_to_its_rows(tmp_path):

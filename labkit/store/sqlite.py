@@ -37,11 +37,12 @@ Notes:
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,6 +193,23 @@ _SESSION_COLS = (
 )
 
 
+# What load_history runs ('user' > 'assistant', so role DESC puts the user message
+# first in each turn); explain_load() shows SQLite's plan for these very statements.
+_HISTORY_SQL = "SELECT role, content FROM messages WHERE session_id = ? ORDER BY turn, role DESC"
+_HISTORY_LAST_N_SQL = (
+    "SELECT role, content FROM messages WHERE session_id = ? AND turn >="
+    " (SELECT turn_count - ? FROM sessions WHERE id = ?) ORDER BY turn, role DESC"
+)
+_INSERT_MESSAGE_SQL = (
+    "INSERT INTO messages (session_id, turn, role, content, input_tokens, output_tokens,"
+    " created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_ADD_TURN_SQL = (
+    "UPDATE sessions SET turn_count = ?, updated_at = ?,"
+    " input_tokens = input_tokens + ?, output_tokens = output_tokens + ? WHERE id = ?"
+)
+
+
 def _info(row: tuple[Any, ...]) -> SessionInfo:
     return SessionInfo(
         id=row[0],
@@ -323,29 +341,26 @@ class SQLiteStore(SessionStore):
         now = _iso_now()
         with self._write() as db:
             n = self._require(db, session_id)
-            db.executemany(
-                "INSERT INTO messages (session_id, turn, role, content, input_tokens,"
-                " output_tokens, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (session_id, n, "user", user, 0, 0, now, None),
-                    (
-                        session_id,
-                        n,
-                        "assistant",
-                        assistant,
-                        input_tokens,
-                        output_tokens,
-                        now,
-                        meta_json,
-                    ),
-                ),
-            )
-            db.execute(
-                "UPDATE sessions SET turn_count = ?, updated_at = ?,"
-                " input_tokens = input_tokens + ?, output_tokens = output_tokens + ? WHERE id = ?",
-                (n + 1, now, input_tokens, output_tokens, session_id),
-            )
+            self._insert_turn(db, session_id, n, user, assistant, input_tokens, output_tokens, now, meta_json)  # fmt: skip
         return n + 1
+
+    @staticmethod
+    def _insert_turn(
+        db: sqlite3.Connection,
+        session_id: str,
+        n: int,
+        user: str,
+        assistant: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: str,
+        meta_json: str | None,
+    ) -> None:
+        """Turn ``n`` (0-based) of a session whose turn count is ``n``: two rows and the totals."""
+        asked = (session_id, n, "user", user, 0, 0, now, None)
+        reply = (session_id, n, "assistant", assistant, input_tokens, output_tokens, now, meta_json)
+        db.executemany(_INSERT_MESSAGE_SQL, (asked, reply))
+        db.execute(_ADD_TURN_SQL, (n + 1, now, input_tokens, output_tokens, session_id))
 
     def load_turns(self, session_id: str, last_n_turns: int = 0) -> list[TurnRecord]:
         validate_session_id(session_id)
@@ -382,18 +397,10 @@ class SQLiteStore(SessionStore):
     def load_history(self, session_id: str, last_n_turns: int = 0) -> list[dict[str, str]]:
         validate_session_id(session_id)
         last_n = check_last_n(last_n_turns)
-        # 'user' > 'assistant', so role DESC puts the user message first in each turn.
         if last_n:
-            rows = self._read(
-                "SELECT role, content FROM messages WHERE session_id = ? AND turn >="
-                " (SELECT turn_count - ? FROM sessions WHERE id = ?) ORDER BY turn, role DESC",
-                (session_id, last_n, session_id),
-            )
+            rows = self._read(_HISTORY_LAST_N_SQL, (session_id, last_n, session_id))
         else:
-            rows = self._read(
-                "SELECT role, content FROM messages WHERE session_id = ? ORDER BY turn, role DESC",
-                (session_id,),
-            )
+            rows = self._read(_HISTORY_SQL, (session_id,))
         if not rows:
             self.get_session(session_id)
         return [{"role": r, "content": c} for r, c in rows]
@@ -468,6 +475,50 @@ class SQLiteStore(SessionStore):
             self._db.close()
 
     # ── extras for the lab ───────────────────────────────────────────────────
+
+    def bulk_append(
+        self, turns: Iterable[tuple[str, str, str, int, int]], *, batch: int = 500
+    ) -> int:
+        """Append many ``(session_id, user, assistant, input_tokens, output_tokens)`` turns.
+
+        The same rows as :meth:`append_turn`, but ``batch`` turns per transaction (for
+        seeding and benchmarks: a commit per turn is what bounds single appends). Turns
+        of unknown sessions are skipped, as in :meth:`RedisStore.bulk_append
+        <labkit.store.redis.RedisStore.bulk_append>`. Returns how many turns were stored.
+        """
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 100_000:
+            raise ValueError(f"batch must be an int in 1..100000, got {batch!r}")
+        stored = 0
+        pending = iter(turns)
+        while chunk := list(itertools.islice(pending, batch)):
+            for sid, user, assistant, in_tok, out_tok in chunk:
+                validate_session_id(sid)
+                check_turn_args(user, assistant, in_tok, out_tok)
+            now = _iso_now()
+            with self._write() as db:
+                for sid, user, assistant, in_tok, out_tok in chunk:
+                    row = db.execute(
+                        "SELECT turn_count FROM sessions WHERE id = ?", (sid,)
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    self._insert_turn(db, sid, row[0], user, assistant, in_tok, out_tok, now, None)
+                    stored += 1
+        return stored
+
+    def explain_load(self, last_n_turns: int = 0) -> list[str]:
+        """SQLite's query plan for :meth:`load_history`, one line per step.
+
+        On this schema it starts with ``SEARCH messages USING INDEX
+        messages_session_turn (session_id=?)``: a range scan over the session's own
+        rows (module note 2), then a sort of just those rows for ``role DESC``.
+        """
+        last_n = check_last_n(last_n_turns)
+        any_id = "0" * 32
+        sql, params = (
+            (_HISTORY_LAST_N_SQL, (any_id, last_n, any_id)) if last_n else (_HISTORY_SQL, (any_id,))
+        )
+        return [str(r[3]) for r in self._read("EXPLAIN QUERY PLAN " + sql, params)]
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations recorded in this file, in order applied."""

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from labkit.errors import SessionNotFoundError
+from labkit.services import ChatProcess
 from labkit.store import open_store
-from labkit.store.chat import ChatProcess
 
 
 @pytest.fixture(scope="module")

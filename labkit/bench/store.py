@@ -1,4 +1,4 @@
-"""Filling stores and timing them: shared by ``benchmarks/store.py`` and notebook 03.
+"""Filling session stores and timing them: shared by ``benchmarks/store.py`` and notebook 03.
 
 :func:`compare_stores` builds the same conversations in labkit's SQLite store,
 labkit's Redis store and a file written the course's way (``get_db()``), then times
@@ -12,8 +12,11 @@ Notes:
 2. The course's functions are copied from the course text (:func:`course_functions`):
    a new connection and ``CREATE TABLE IF NOT EXISTS`` on every call, no index on
    ``messages(conversation_id)``, default journal mode.
-3. Bulk filling bypasses the per-turn API for speed (``executemany`` for SQLite,
-   pipelined append scripts for Redis); the *timed* calls use the public API.
+3. Bulk filling uses the stores' ``bulk_append`` (many turns per SQLite transaction,
+   pipelined append scripts for Redis) and plain ``executemany`` for the course's
+   file; the *timed* calls are the public per-turn API.
+4. A throwaway Valkey server (:func:`labkit.services.throwaway_server`) stands in
+   for Redis when no ``redis_url`` is given.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .redis import RedisStore, throwaway_server
-from .sqlite import SQLiteStore
+from ..services import throwaway_server
+from ..store.redis import RedisStore
+from ..store.sqlite import SQLiteStore
 
 __all__ = [
     "Text",
@@ -42,7 +46,7 @@ __all__ = [
     "fill_redis",
     "fill_sqlite",
     "percentiles",
-    "timed",
+    "stopwatch",
 ]
 
 USER_CHARS, ASSISTANT_CHARS = 80, 240
@@ -146,25 +150,11 @@ class Text:
 
 
 def fill_sqlite(store: SQLiteStore, ids: list[str], turns: int, text: Text) -> None:
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
-    db = store._db
-    db.execute("BEGIN IMMEDIATE")
-    db.executemany(
-        "INSERT INTO sessions (id, created_at, updated_at, turn_count, input_tokens, output_tokens)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        ((sid, now, now, turns, 100 * turns, 60 * turns) for sid in ids),
-    )
-    for t in tqdm(range(turns), desc="labkit sqlite", unit="turn", leave=False):
-        rows = []
-        for sid in ids:
-            rows.append((sid, t, "user", text(USER_CHARS), 0, 0, now, None))
-            rows.append((sid, t, "assistant", text(ASSISTANT_CHARS), 100, 60, now, None))
-        db.executemany(
-            "INSERT INTO messages (session_id, turn, role, content, input_tokens, output_tokens,"
-            " created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    db.execute("COMMIT")
+    """Through the store's own turn writer, many turns per transaction (``SQLiteStore.bulk_append``)."""
+    for sid in ids:
+        store.create_session(session_id=sid)
+    for _t in tqdm(range(turns), desc="labkit sqlite", unit="turn", leave=False):
+        store.bulk_append((sid, text(USER_CHARS), text(ASSISTANT_CHARS), 100, 60) for sid in ids)
 
 
 def fill_course(path: str, ids: list[str], turns: int, text: Text) -> None:
@@ -205,7 +195,7 @@ def percentiles(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), qs[98]
 
 
-def timed(
+def stopwatch(
     fn: Callable[[str], object], ids: list[str], n: int, label: str, *, seed: int = 0
 ) -> list[float]:
     """Milliseconds of ``n`` calls of ``fn(session_id)`` on sessions picked at random."""
@@ -268,8 +258,8 @@ def compare_stores(
             lk.append_turn(s, user, reply, input_tokens=9, output_tokens=9)
 
         results["labkit sqlite"] = {
-            "load": timed(lk.load_history, ids, samples, "sqlite load", seed=1),
-            "append": timed(app_lk, ids, samples, "sqlite append", seed=2),
+            "load": stopwatch(lk.load_history, ids, samples, "sqlite load", seed=1),
+            "append": stopwatch(app_lk, ids, samples, "sqlite append", seed=2),
         }
         if rs is not None:
             redis_store = rs
@@ -278,12 +268,12 @@ def compare_stores(
                 redis_store.append_turn(s, user, reply, input_tokens=9, output_tokens=9)
 
             results["labkit redis"] = {
-                "load": timed(rs.load_history, ids, samples, "redis load", seed=1),
-                "append": timed(app_rs, ids, samples, "redis append", seed=2),
+                "load": stopwatch(rs.load_history, ids, samples, "redis load", seed=1),
+                "append": stopwatch(app_rs, ids, samples, "redis append", seed=2),
             }
         results["course get_db()"] = {
-            "load": timed(course_load, ids, baseline_samples, "course load", seed=1),
-            "append": timed(
+            "load": stopwatch(course_load, ids, baseline_samples, "course load", seed=1),
+            "append": stopwatch(
                 lambda s: course_save(s, user, reply, 9),
                 ids,
                 baseline_samples,

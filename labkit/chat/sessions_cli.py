@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SessionNotFoundError
-from . import open_store, resolve_store_url
+from ..store import open_store, resolve_store_url
 
 __all__ = ["delete_session", "format_age", "print_session", "print_session_list"]
 
