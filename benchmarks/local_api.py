@@ -25,13 +25,8 @@ import httpx
 import openai
 
 from labkit.localapi import MODEL_ID, LocalAPIServer
-from labkit.localapi.engines import (
-    ChatMessage,
-    available_cores,
-    default_threads,
-    model_path,
-    render_chatml,
-)
+from labkit.localapi.engine import ChatMessage, render_chatml
+from labkit.localapi.llama import available_cores, default_threads, model_path
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -128,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5, help="Generations per side (interleaved), after one warm-up each.")
     ap.add_argument("--max-tokens", type=int, default=128, help="Tokens generated per trial.")
-    ap.add_argument("--threads", type=int, default=None, help="llama threads (decode and prompt) on both sides (default: the engine's, see labkit.localapi.engines note 5).")
+    ap.add_argument("--threads", type=int, default=None, help="llama threads (decode and prompt) on both sides (default: the engine's, see labkit.localapi.llama note 5).")
     ap.add_argument("--sim-requests", type=int, default=200, help="Requests per client on the zero-latency sim engine.")
     args = ap.parse_args()
 

@@ -81,50 +81,21 @@ def labs(
 # ── local-api (labkit.localapi) ───────────────────────────────────────────────
 
 
-@app.command("local-api")
+@app.command(
+    "local-api",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
 @friendly_errors
-def local_api(
-    engine: str = typer.Option("llama", "--engine", help="llama: the real SmolLM2-135M-Instruct model (default); sim: no model, exact latency and injectable faults."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
-    port: int = typer.Option(8765, "--port", help="Port (0 picks a free one)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="llama: turn prefix (prompt) caching off for every request (cold TTFT)."),
-    ttft_ms: float = typer.Option(None, "--ttft-ms", help="sim: request → first text delta, ms (default 200)."),
-    itl_ms: float = typer.Option(None, "--itl-ms", help="sim: gap between text deltas, ms (default 20)."),
-    jitter_ms: float = typer.Option(None, "--jitter-ms", help="sim: random extra delay 0..J ms per delta (default 0)."),
-    reply_tokens: int = typer.Option(None, "--reply-tokens", help="sim: text deltas per reply (default 40)."),
-    seed: int = typer.Option(None, "--seed", help="sim: seed of the text, the jitter and --fail-rate."),
-    fail_before: str = typer.Option(None, "--fail-before", help="sim: fail every request before any byte: rate_limit_error, overloaded_error, api_error, ... or disconnect."),
-    fail_after: int = typer.Option(None, "--fail-after", help="sim: fail every stream after N text deltas (with --fail-with)."),
-    fail_with: str = typer.Option(None, "--fail-with", help="sim: the mid-stream failure: an error type (SSE error event) or disconnect (default api_error)."),
-    fail_rate: float = typer.Option(None, "--fail-rate", help="sim: apply the fault to this share (0..1) of requests (overloaded_error before any byte if no fault is set)."),
-) -> None:
-    """Serve the Anthropic Messages and OpenAI Chat Completions APIs on 127.0.0.1.
+def local_api(ctx: typer.Context) -> None:
+    """Serve the Anthropic Messages and OpenAI Chat Completions APIs on 127.0.0.1 (flags: labkit local-api --help).
 
-    Point the SDKs at it: anthropic.Anthropic(base_url="http://127.0.0.1:8765", api_key="local")
-    or openai.OpenAI(base_url="http://127.0.0.1:8765/v1", api_key="local"); or set
-    LABKIT_PROVIDER=anthropic ANTHROPIC_BASE_URL=http://127.0.0.1:8765 for any labkit command.
-    Per request, the sim engine reads the header x-labkit-sim: ttft_ms=300;itl_ms=15;fail_after=5;fail_with=api_error,
-    and both engines read x-labkit-cache: off. GET /metrics gives Prometheus text.
+    The flags are the local API's own (labkit.localapi.options, shared with
+    python -m labkit.localapi): this command hands them over unchanged.
     """
-    import argparse
+    from .localapi.options import run
 
-    from .localapi.server import options_from_args, serve
-
-    args = argparse.Namespace(
-        engine=engine, no_cache=no_cache, n_threads=None, ttft_ms=ttft_ms, itl_ms=itl_ms,
-        jitter_ms=jitter_ms, reply_tokens=reply_tokens, seed=seed, fail_before=fail_before,
-        fail_after=fail_after, fail_with=fail_with, fail_rate=fail_rate,
-    )
-    if engine not in ("llama", "sim"):
-        from .errors import ConfigurationError
-
-        raise ConfigurationError(f"Unknown engine {engine!r}.", hint="Use --engine llama or --engine sim.")
-    name, opts = options_from_args(args)
-
-    def listening(h: str, p: int) -> None:
-        err.print(f"labkit local API ({name}) on [bold]http://{h}:{p}[/]  (Ctrl+C to stop)")
-
-    serve(name, host=host, port=port, on_listening=listening, log_level="warning", **opts)
+    run(ctx.args, prog="labkit local-api")
 
 
 # ── ttft (labkit.bench.lab1) ───────────────────────────────────────────────────

@@ -26,7 +26,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, UpstreamError
-from .localapi.engines import MODEL_ID
+from .localapi.constants import MODEL_ID
 
 if TYPE_CHECKING:
     import anthropic

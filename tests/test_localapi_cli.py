@@ -72,3 +72,62 @@ def test_no_cache_flag_turns_prefix_caching_off_for_every_request():
         ]
     assert usages[0].input_tokens == usages[1].input_tokens > 0
     assert not usages[1].cache_read_input_tokens
+
+
+# ── the flags, defined once (labkit.localapi.options) ─────────────────────────
+
+
+def test_help_explains_every_flag_the_same_for_labkit_and_python_m():
+    from dataclasses import fields
+
+    from labkit.localapi.sim import SimOptions
+
+    helps = [
+        subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+        for cmd in ([sys.executable, "-m", "labkit.cli", "local-api", "--help"],
+                    [sys.executable, "-m", "labkit.localapi", "--help"])
+    ]
+    flags = ["--engine", "--host", "--port", "--no-cache", "--n-threads"]
+    flags += ["--" + f.name.replace("_", "-") for f in fields(SimOptions)]
+    for text in helps:
+        for flag in flags:
+            assert re.search(rf"^\s+{flag}\b.*\S", text, re.MULTILINE), f"{flag} is not explained:\n{text}"
+    assert helps[0].split("options:")[1] == helps[1].split("options:")[1]  # one parser for both
+
+
+def test_local_api_server_options_become_the_flags_that_give_them_back():
+    from labkit.localapi.options import build_parser, option_args, options_from_args
+
+    for engine, opts in (("sim", {"ttft_ms": 5.0, "reply_tokens": 3, "fail_before": "rate_limit_error"}),
+                         ("llama", {"cache": False, "n_threads": 2})):
+        args = build_parser().parse_args(option_args(engine, opts))
+        assert options_from_args(args) == (engine, opts)
+
+
+def test_flags_of_the_other_engine_are_named_in_the_error():
+    from labkit.errors import ConfigurationError
+    from labkit.localapi.options import build_parser, options_from_args
+
+    with pytest.raises(ConfigurationError, match="--ttft-ms") as exc:
+        options_from_args(build_parser().parse_args(["--engine", "llama", "--ttft-ms", "5"]))
+    assert "--engine sim" in exc.value.hint
+    with pytest.raises(ConfigurationError, match="--no-cache") as exc:
+        options_from_args(build_parser().parse_args(["--engine", "sim", "--no-cache"]))
+    assert "--engine llama" in exc.value.hint
+
+
+def test_every_way_to_name_an_engine_rejects_an_unknown_one_alike():
+    from labkit.errors import ConfigurationError
+    from labkit.localapi import LocalAPIServer
+    from labkit.localapi.engine import make_engine
+    from labkit.localapi.options import build_parser, options_from_args
+
+    attempts = [
+        lambda: LocalAPIServer("gpt9"),
+        lambda: make_engine("gpt9"),
+        lambda: options_from_args(build_parser().parse_args(["--engine", "gpt9"])),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ConfigurationError, match="Unknown engine 'gpt9'") as exc:
+            attempt()
+        assert exc.value.hint == "Use --engine llama or --engine sim."

@@ -189,3 +189,11 @@ def test_non_streaming_request_abandoned_by_the_client_stops_the_engine(sim_api)
     m1 = sim_api.metrics()
     time.sleep(0.3)
     assert sim_api.metrics()["labkit_tokens_generated_total"] == m1["labkit_tokens_generated_total"]
+
+
+def test_every_engine_error_type_has_an_http_status():
+    from labkit.localapi.engine import ERROR_TYPES
+    from labkit.localapi.wire import ERROR_STATUS
+
+    assert set(ERROR_STATUS) == set(ERROR_TYPES)
+    assert all(400 <= status < 600 for status in ERROR_STATUS.values())

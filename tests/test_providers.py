@@ -113,3 +113,17 @@ def test_score_candidates_ranks_the_obvious_answer_first(clean_env, llama_api):
     # scoring leaves generation intact
     msg = c.anthropic.messages.create(model=c.model, max_tokens=4, messages=USER)
     assert msg.usage.output_tokens >= 1
+
+
+def test_importing_providers_does_not_load_the_local_api_server_or_its_libraries():
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys, labkit.providers; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(json.loads(out.stdout))
+    heavy = {"fastapi", "uvicorn", "llama_cpp", "sse_starlette"} & loaded
+    assert not heavy, f"import labkit.providers loaded {sorted(heavy)}"
+    localapi = {m for m in loaded if m.startswith("labkit.localapi.")}
+    assert localapi == {"labkit.localapi.constants"}

@@ -38,7 +38,7 @@ from anthropic.types import (
 )
 from anthropic.types.raw_message_delta_event import Delta
 
-from .engines import (
+from .engine import (
     ChatMessage,
     EngineError,
     Event,

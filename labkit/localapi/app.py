@@ -44,18 +44,18 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_wire, openai_wire
-from .engines import (
-    CONTEXT_WINDOW,
-    MODEL_ID,
+from .constants import CONTEXT_WINDOW, MODEL_ID
+from .engine import (
     DropConnection,
     Engine,
     EngineError,
     Event,
     GenerationRequest,
     Started,
-    parse_sim_header,
 )
 from .metrics import Metrics
+from .sim import parse_sim_header
+from .wire import error_headers, error_status
 
 __all__ = ["MAX_BODY_BYTES", "accepts_model", "create_app"]
 
@@ -135,15 +135,12 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
     def error_response(
         request: Request, error_type: str, message: str, status: int | None = None, code: str | None = None
     ) -> Response:
-        from .engines import ERROR_STATUS
-
-        status = status or ERROR_STATUS.get(error_type, 500)
+        status = status or error_status(error_type)
         if is_openai(request):
             body = openai_wire.error_body(error_type, message, code=code)
         else:
             body = anthropic_wire.error_body(error_type, message)
-        headers = {"retry-after": "1"} if status in (429, 529) else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status, headers=error_headers(status))
 
     @api.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> Response:

@@ -39,8 +39,8 @@ from openai.types.chat.chat_completion_message_function_tool_call import (
 )
 from openai.types.completion_usage import PromptTokensDetails
 
-from .engines import (
-    CONTEXT_WINDOW,
+from .constants import CONTEXT_WINDOW
+from .engine import (
     ChatMessage,
     EngineError,
     Event,
