@@ -262,12 +262,16 @@ def check_options(name: str, opts: dict[str, Any], *, spell: Callable[[str], str
     unknown = [k for k in opts if k not in known]
     if not unknown:
         return
-    owner = next((e for e in ENGINES if e != name and all(k in engine_options(e) for k in unknown)), None)
+    owner = next(
+        (e for e in ENGINES if e != name and all(k in engine_options(e) for k in unknown)), None
+    )
     if owner is not None:
         hint = f"Those are {owner} options: use --engine {owner} (engine={owner!r}), or drop them."
     else:
         hint = f"The {name} engine takes: {', '.join(spell(k) for k in known)}."
-    raise ConfigurationError(f"Unknown {name} option(s): {', '.join(spell(k) for k in unknown)}.", hint=hint)
+    raise ConfigurationError(
+        f"The {name} engine does not take {', '.join(spell(k) for k in unknown)}.", hint=hint
+    )
 
 
 def make_engine(name: str, *, metrics: Metrics | None = None, **opts: Any) -> Engine:

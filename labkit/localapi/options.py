@@ -67,7 +67,10 @@ def _shown(default: Any) -> str:
 def build_parser(prog: str = "python -m labkit.localapi") -> argparse.ArgumentParser:
     """The parser of every local API command line (note 1)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--engine",
@@ -75,20 +78,39 @@ def build_parser(prog: str = "python -m labkit.localapi") -> argparse.ArgumentPa
         metavar="{" + ",".join(ENGINES) + "}",
         help="llama: the real SmolLM2-135M-Instruct model (default); sim: no model, exact latency and injectable faults.",
     )
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"Interface to listen on (default {DEFAULT_HOST}).")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (0 picks a free one; default {DEFAULT_PORT}).")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"Interface to listen on (default {DEFAULT_HOST})."
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"Port (0 picks a free one; default {DEFAULT_PORT}).",
+    )
     parser.add_argument("--port-file", help="Write the bound port to this file once listening.")
-    parser.add_argument("--watch-parent", action="store_true", help="Exit when the parent process exits.")
+    parser.add_argument(
+        "--watch-parent", action="store_true", help="Exit when the parent process exits."
+    )
     llama = parser.add_argument_group("llama engine")
     llama.add_argument(
-        "--no-cache", action="store_true", help="Turn prefix (prompt) caching off for every request (cold TTFT)."
+        "--no-cache",
+        action="store_true",
+        help="Turn prefix (prompt) caching off for every request (cold TTFT).",
     )
-    llama.add_argument("--n-threads", type=int, default=None, help="Threads (default: all cores to read the prompt, one fewer to decode).")
+    llama.add_argument(
+        "--n-threads",
+        type=int,
+        default=None,
+        help="Threads (default: all cores to read the prompt, one fewer to decode).",
+    )
     sim = parser.add_argument_group("sim engine")
     for f in fields(SimOptions):
         default = f.default if f.default is not MISSING else None
         sim.add_argument(
-            _flag(f.name), type=_flag_type(f), default=None, help=f"{f.metadata['help'].rstrip('.')} (default {_shown(default)})."
+            _flag(f.name),
+            type=_flag_type(f),
+            default=None,
+            help=f"{f.metadata['help'].rstrip('.')} (default {_shown(default)}).",
         )
     return parser
 
@@ -97,9 +119,13 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """``(engine, engine_opts)`` from parsed arguments (note 2)."""
     engine = check_engine(args.engine)
     if not 0 <= args.port <= _MAX_PORT:
-        raise ConfigurationError(f"--port {args.port} is out of range.", hint=f"Use 0..{_MAX_PORT} (0 picks a free one).")
+        raise ConfigurationError(
+            f"--port {args.port} is out of range.", hint=f"Use 0..{_MAX_PORT} (0 picks a free one)."
+        )
     if args.n_threads is not None and args.n_threads < 1:
-        raise ConfigurationError(f"--n-threads {args.n_threads}: need at least 1.", hint="Leave it out for the default.")
+        raise ConfigurationError(
+            f"--n-threads {args.n_threads}: need at least 1.", hint="Leave it out for the default."
+        )
     given: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(SimOptions)}
     given["cache"] = False if args.no_cache else None
     given["n_threads"] = args.n_threads
@@ -129,7 +155,11 @@ def run(argv: list[str] | None = None, *, prog: str = "python -m labkit.localapi
     engine, opts = options_from_args(args)
 
     def listening(host: str, port: int) -> None:
-        print(f"labkit local API ({engine}) on http://{host}:{port}  (Ctrl+C to stop)", file=sys.stderr, flush=True)
+        print(
+            f"labkit local API ({engine}) on http://{host}:{port}  (Ctrl+C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     from .server import serve
 
@@ -142,4 +172,3 @@ def run(argv: list[str] | None = None, *, prog: str = "python -m labkit.localapi
         on_listening=listening,
         **opts,
     )
-

@@ -117,7 +117,9 @@ class LocalAPIServer:
     def base_url(self) -> str:
         """What the Anthropic SDK takes as ``base_url`` (no ``/v1``)."""
         if self.port is None:
-            raise ConfigurationError("The local API is not running.", hint="Call start() or use it as a context manager.")
+            raise ConfigurationError(
+                "The local API is not running.", hint="Call start() or use it as a context manager."
+            )
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -141,10 +143,25 @@ class LocalAPIServer:
         port_file = Path(self._dir.name) / "port"
         log = open(Path(self._dir.name) / "server.log", "wb")  # noqa: SIM115 - handed to the child
         cmd = [
-            sys.executable, "-m", "labkit.localapi", "--host", self.host,
-            "--port", str(self.requested_port), "--port-file", str(port_file), "--watch-parent", *self._args,
+            sys.executable,
+            "-m",
+            "labkit.localapi",
+            "--host",
+            self.host,
+            "--port",
+            str(self.requested_port),
+            "--port-file",
+            str(port_file),
+            "--watch-parent",
+            *self._args,
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout
@@ -159,7 +176,9 @@ class LocalAPIServer:
                     self.port = int(port_file.read_text())
                     break
                 if time.monotonic() > deadline:
-                    raise ConfigurationError(f"The local API did not start within {self.startup_timeout:g} s.")
+                    raise ConfigurationError(
+                        f"The local API did not start within {self.startup_timeout:g} s."
+                    )
                 time.sleep(0.02)
             while True:
                 try:

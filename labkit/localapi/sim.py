@@ -71,10 +71,16 @@ def _option(default: Any, help: str) -> Any:
 class SimOptions:
     """Latency and faults of the sim engine (server flags, overridable per request; note 2)."""
 
-    ttft_ms: float = _option(200.0, "Time from the request's arrival to the first text delta, in ms.")
+    ttft_ms: float = _option(
+        200.0, "Time from the request's arrival to the first text delta, in ms."
+    )
     itl_ms: float = _option(20.0, "Gap between text deltas, in ms.")
-    jitter_ms: float = _option(0.0, "Each delta is late by a uniform random 0..J ms (deadlines stay monotonic).")
-    reply_tokens: int = _option(40, "Text deltas (one token each) in a reply, before max_tokens caps it.")
+    jitter_ms: float = _option(
+        0.0, "Each delta is late by a uniform random 0..J ms (deadlines stay monotonic)."
+    )
+    reply_tokens: int = _option(
+        40, "Text deltas (one token each) in a reply, before max_tokens caps it."
+    )
     seed: int = _option(0, "Seed of the text, the jitter and fail_rate.")
     fail_before: str | None = _option(
         None,
@@ -87,7 +93,8 @@ class SimOptions:
         "api_error", "The mid-stream failure: an error type (an SSE error event) or 'disconnect'."
     )
     fail_rate: float = _option(
-        0.0, "Apply the fault to this share (0..1) of requests only (overloaded_error before any byte if no fault is set)."
+        0.0,
+        "Apply the fault to this share (0..1) of requests only (overloaded_error before any byte if no fault is set).",
     )
 
     def merged(self, overrides: dict[str, str]) -> SimOptions:
@@ -109,14 +116,20 @@ class SimOptions:
                     "invalid_request_error", f"x-labkit-sim: {key}={raw!r} is not a valid value."
                 ) from None
         opts = replace(self, **changes)
-        opts.validate(error=lambda msg: EngineError("invalid_request_error", f"x-labkit-sim: {msg}"))
+        opts.validate(
+            error=lambda msg: EngineError("invalid_request_error", f"x-labkit-sim: {msg}")
+        )
         return opts
 
     def validate(self, error: Callable[[str], Exception] | None = None) -> None:
         """Raise ``error(msg)`` (default ConfigurationError) if an option is out of range."""
 
         def fail(msg: str) -> None:
-            raise (error(msg) if error else ConfigurationError(msg, hint="See `labkit local-api --help`."))
+            raise (
+                error(msg)
+                if error
+                else ConfigurationError(msg, hint="See `labkit local-api --help`.")
+            )
 
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):
             if getattr(self, name) < 0:
@@ -228,7 +241,9 @@ class SimEngine:
     name = "sim"
     context_window = CONTEXT_WINDOW
 
-    def __init__(self, options: SimOptions | None = None, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, options: SimOptions | None = None, *, metrics: Metrics | None = None
+    ) -> None:
         self.options = options or SimOptions()
         self.options.validate()
         self.metrics = metrics or Metrics()
@@ -307,7 +322,7 @@ class SimEngine:
             if after is not None and i == after:
                 self._raise(with_)
             word = _WORDS[rng.randrange(len(_WORDS))]
-            text = (word.capitalize() if i == 0 and not req.prefill else " " + word)
+            text = word.capitalize() if i == 0 and not req.prefill else " " + word
             self.metrics.tokens_generated += 1
             yield TextPiece(text=text + ("." if i == n - 1 else ""))
         if after is not None and after >= n:
