@@ -136,11 +136,10 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def option_args(engine: str, opts: dict[str, Any]) -> list[str]:
     """The flags that give ``engine`` the keyword options ``opts`` (what LocalAPIServer's child is run with)."""
-    check_options(engine, opts)
+    given = {k: v for k, v in opts.items() if v is not None}  # None: the engine's default
+    check_options(engine, given)
     out = ["--engine", engine]
-    for key, value in opts.items():
-        if value is None:
-            continue
+    for key, value in given.items():
         if key == "cache":
             if not value:
                 out.append("--no-cache")
