@@ -53,7 +53,11 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """labkit: labs and benchmarks for LLM streaming and conversation state.
@@ -69,8 +73,12 @@ def main(
 @app.command()
 @friendly_errors
 def labs(
-    notebooks: list[str] = typer.Argument(None, help="Notebooks to run (default: all of notebooks/)."),
-    quick: bool = typer.Option(False, "--quick", help="Shrink trials and turns (sets LABKIT_QUICK=1)."),
+    notebooks: list[str] = typer.Argument(
+        None, help="Notebooks to run (default: all of notebooks/)."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Shrink trials and turns (sets LABKIT_QUICK=1)."
+    ),
 ) -> None:
     """Run the notebooks top to bottom, save their outputs, and gather results/SUMMARY.md."""
     from .labs import run_labs
@@ -81,50 +89,21 @@ def labs(
 # ── local-api (labkit.localapi) ───────────────────────────────────────────────
 
 
-@app.command("local-api")
+@app.command(
+    "local-api",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
 @friendly_errors
-def local_api(
-    engine: str = typer.Option("llama", "--engine", help="llama: the real SmolLM2-135M-Instruct model (default); sim: no model, exact latency and injectable faults."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
-    port: int = typer.Option(8765, "--port", help="Port (0 picks a free one)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="llama: turn prefix (prompt) caching off for every request (cold TTFT)."),
-    ttft_ms: float = typer.Option(None, "--ttft-ms", help="sim: request → first text delta, ms (default 200)."),
-    itl_ms: float = typer.Option(None, "--itl-ms", help="sim: gap between text deltas, ms (default 20)."),
-    jitter_ms: float = typer.Option(None, "--jitter-ms", help="sim: random extra delay 0..J ms per delta (default 0)."),
-    reply_tokens: int = typer.Option(None, "--reply-tokens", help="sim: text deltas per reply (default 40)."),
-    seed: int = typer.Option(None, "--seed", help="sim: seed of the text, the jitter and --fail-rate."),
-    fail_before: str = typer.Option(None, "--fail-before", help="sim: fail every request before any byte: rate_limit_error, overloaded_error, api_error, ... or disconnect."),
-    fail_after: int = typer.Option(None, "--fail-after", help="sim: fail every stream after N text deltas (with --fail-with)."),
-    fail_with: str = typer.Option(None, "--fail-with", help="sim: the mid-stream failure: an error type (SSE error event) or disconnect (default api_error)."),
-    fail_rate: float = typer.Option(None, "--fail-rate", help="sim: apply the fault to this share (0..1) of requests (overloaded_error before any byte if no fault is set)."),
-) -> None:
-    """Serve the Anthropic Messages and OpenAI Chat Completions APIs on 127.0.0.1.
+def local_api(ctx: typer.Context) -> None:
+    """Serve the Anthropic Messages and OpenAI Chat Completions APIs on 127.0.0.1 (flags: labkit local-api --help).
 
-    Point the SDKs at it: anthropic.Anthropic(base_url="http://127.0.0.1:8765", api_key="local")
-    or openai.OpenAI(base_url="http://127.0.0.1:8765/v1", api_key="local"); or set
-    LABKIT_PROVIDER=anthropic ANTHROPIC_BASE_URL=http://127.0.0.1:8765 for any labkit command.
-    Per request, the sim engine reads the header x-labkit-sim: ttft_ms=300;itl_ms=15;fail_after=5;fail_with=api_error,
-    and both engines read x-labkit-cache: off. GET /metrics gives Prometheus text.
+    The flags are the local API's own (labkit.localapi.options, shared with
+    python -m labkit.localapi): this command hands them over unchanged.
     """
-    import argparse
+    from .localapi.options import run
 
-    from .localapi.server import options_from_args, serve
-
-    args = argparse.Namespace(
-        engine=engine, no_cache=no_cache, n_threads=None, ttft_ms=ttft_ms, itl_ms=itl_ms,
-        jitter_ms=jitter_ms, reply_tokens=reply_tokens, seed=seed, fail_before=fail_before,
-        fail_after=fail_after, fail_with=fail_with, fail_rate=fail_rate,
-    )
-    if engine not in ("llama", "sim"):
-        from .errors import ConfigurationError
-
-        raise ConfigurationError(f"Unknown engine {engine!r}.", hint="Use --engine llama or --engine sim.")
-    name, opts = options_from_args(args)
-
-    def listening(h: str, p: int) -> None:
-        err.print(f"labkit local API ({name}) on [bold]http://{h}:{p}[/]  (Ctrl+C to stop)")
-
-    serve(name, host=host, port=port, on_listening=listening, log_level="warning", **opts)
+    run(ctx.args, prog="labkit local-api")
 
 
 # ── ttft (labkit.bench.lab1) ───────────────────────────────────────────────────
@@ -133,18 +112,36 @@ def local_api(
 @app.command()
 @friendly_errors
 def ttft(
-    prompts: str = typer.Option("data/lab1_prompts.jsonl", "--prompts", help="JSON-lines prompts file (id, prompt, max_tokens per line), relative to the working directory."),
-    provider: str = typer.Option(None, "--provider", help="local (default, or $LABKIT_PROVIDER), anthropic or openai."),
-    base_url: str = typer.Option(None, "--base-url", help="Send requests here (any compatible server)."),
+    prompts: str = typer.Option(
+        "data/lab1_prompts.jsonl",
+        "--prompts",
+        help="JSON-lines prompts file (id, prompt, max_tokens per line), relative to the working directory.",
+    ),
+    provider: str = typer.Option(
+        None, "--provider", help="local (default, or $LABKIT_PROVIDER), anthropic or openai."
+    ),
+    base_url: str = typer.Option(
+        None, "--base-url", help="Send requests here (any compatible server)."
+    ),
     model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
-    engine: str = typer.Option("llama", "--engine", help="Local engine when starting one: llama or sim."),
-    api: str = typer.Option(None, "--api", help="Wire format: anthropic or openai (default: the provider's)."),
+    engine: str = typer.Option(
+        "llama", "--engine", help="Local engine when starting one: llama or sim."
+    ),
+    api: str = typer.Option(
+        None, "--api", help="Wire format: anthropic or openai (default: the provider's)."
+    ),
     trials: int = typer.Option(3, "--trials", min=1, help="Recorded requests per prompt and mode."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Unrecorded requests first."),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="Requests in flight at once."),
-    cache: str = typer.Option("off", "--cache", help="Prompt cache on|off (off measures TTFT cold)."),
-    non_stream: bool = typer.Option(True, "--non-stream/--stream-only", help="Also time each prompt without streaming."),
-    out: str = typer.Option(None, "--out", help="CSV file: one row per request, every timestamp and metric."),
+    cache: str = typer.Option(
+        "off", "--cache", help="Prompt cache on|off (off measures TTFT cold)."
+    ),
+    non_stream: bool = typer.Option(
+        True, "--non-stream/--stream-only", help="Also time each prompt without streaming."
+    ),
+    out: str = typer.Option(
+        None, "--out", help="CSV file: one row per request, every timestamp and metric."
+    ),
 ) -> None:
     """Measure TTFT, ITL and total time, streamed vs not, on a prompts file."""
     import csv
@@ -156,13 +153,26 @@ def ttft(
     from .providers import client
 
     if cache not in ("on", "off"):
-        raise ConfigurationError(f"--cache must be on or off, not {cache!r}.", hint="Use --cache on or --cache off.")
+        raise ConfigurationError(
+            f"--cache must be on or off, not {cache!r}.", hint="Use --cache on or --cache off."
+        )
     if api not in (None, "anthropic", "openai"):
-        raise ConfigurationError(f"--api must be anthropic or openai, not {api!r}.", hint="Use --api anthropic or --api openai.")
+        raise ConfigurationError(
+            f"--api must be anthropic or openai, not {api!r}.",
+            hint="Use --api anthropic or --api openai.",
+        )
     loaded = load_prompts(prompts)
     clients = client(provider, model=model, base_url=base_url, engine=engine)
-    rows = run_trials(clients, loaded, trials=trials, warmup=warmup, concurrency=concurrency,
-                      cache=cache == "on", api=api, non_stream=non_stream)
+    rows = run_trials(
+        clients,
+        loaded,
+        trials=trials,
+        warmup=warmup,
+        concurrency=concurrency,
+        cache=cache == "on",
+        api=api,
+        non_stream=non_stream,
+    )
     if out:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with open(out, "w", newline="", encoding="utf-8") as fh:
@@ -170,24 +180,41 @@ def ttft(
             writer.writeheader()
             writer.writerows(rows)
     d = clients.describe()
-    table = Table(title=f"TTFT — {d['provider']} {d['model']} ({d.get('engine') or d.get('base_url') or 'default'}), "
-                        f"medians of {trials} trial(s), concurrency {concurrency}, cache {cache}")
-    for col in ("prompt", "out tokens", "stream TTFT ms", "stream total ms", "non-stream total ms",
-                "TTFT speedup", "ITL p50 ms"):
+    table = Table(
+        title=f"TTFT — {d['provider']} {d['model']} ({d.get('engine') or d.get('base_url') or 'default'}), "
+        f"medians of {trials} trial(s), concurrency {concurrency}, cache {cache}"
+    )
+    for col in (
+        "prompt",
+        "out tokens",
+        "stream TTFT ms",
+        "stream total ms",
+        "non-stream total ms",
+        "TTFT speedup",
+        "ITL p50 ms",
+    ):
         table.add_column(col, justify="left" if col == "prompt" else "right")
 
     def fmt(v: object, spec: str = ".1f") -> str:
         return "—" if v is None else format(v, spec)
 
     for r in per_prompt_table(rows):
-        table.add_row(r["prompt"], fmt(r["output_tokens"], ".0f"), fmt(r["stream_ttft_ms"]),
-                      fmt(r["stream_total_ms"]), fmt(r["non_stream_total_ms"]),
-                      fmt(r["ttft_speedup"], ".1f") + ("×" if r["ttft_speedup"] else ""), fmt(r["itl_p50_ms"], ".2f"))
+        table.add_row(
+            r["prompt"],
+            fmt(r["output_tokens"], ".0f"),
+            fmt(r["stream_ttft_ms"]),
+            fmt(r["stream_total_ms"]),
+            fmt(r["non_stream_total_ms"]),
+            fmt(r["ttft_speedup"], ".1f") + ("×" if r["ttft_speedup"] else ""),
+            fmt(r["itl_p50_ms"], ".2f"),
+        )
     Console().print(table)
     errors = [r for r in rows if r.get("error")]
     if errors:
-        err.print(f"[yellow]{len(errors)} of {len(rows)} requests failed[/] "
-                  f"({', '.join(sorted({str(r['error']) for r in errors}))}); they are in the CSV, not the medians.")
+        err.print(
+            f"[yellow]{len(errors)} of {len(rows)} requests failed[/] "
+            f"({', '.join(sorted({str(r['error']) for r in errors}))}); they are in the CSV, not the medians."
+        )
     if out:
         err.print(f"wrote {len(rows)} rows to {out}")
 
@@ -242,14 +269,26 @@ def sessions_delete(
 @app.command()
 @friendly_errors
 def chat(
-    session: str = typer.Option(None, "--session", help="Resume this session id (see `labkit sessions list`)."),
+    session: str = typer.Option(
+        None, "--session", help="Resume this session id (see `labkit sessions list`)."
+    ),
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
-    ttl: int = typer.Option(600, "--ttl", help="Redis only: seconds of inactivity before the session expires (0 = never)."),
-    summarise: bool = typer.Option(False, "--summarise", help="Fold history into a persisted summary past 20 turns."),
+    ttl: int = typer.Option(
+        600,
+        "--ttl",
+        help="Redis only: seconds of inactivity before the session expires (0 = never).",
+    ),
+    summarise: bool = typer.Option(
+        False, "--summarise", help="Fold history into a persisted summary past 20 turns."
+    ),
     system: str = typer.Option(None, "--system", help="System prompt of a new session."),
-    provider: str = typer.Option(None, "--provider", help="local (default), anthropic or openai ($LABKIT_PROVIDER)."),
+    provider: str = typer.Option(
+        None, "--provider", help="local (default), anthropic or openai ($LABKIT_PROVIDER)."
+    ),
     base_url: str = typer.Option(None, "--base-url", help="Use an already running compatible API."),
-    engine: str = typer.Option("llama", "--engine", help="Local provider only: llama (the real model) or sim."),
+    engine: str = typer.Option(
+        "llama", "--engine", help="Local provider only: llama (the real model) or sim."
+    ),
     model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest reply, in tokens."),
 ) -> None:
@@ -270,7 +309,6 @@ def chat(
     )
 
 
-
 # ── serve (labkit.server) ─────────────────────────────────────────────────────
 
 
@@ -279,20 +317,40 @@ def chat(
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="Port (0: any free port, printed at start)."),
-    store: str = typer.Option(None, "--store", help="sqlite:///path.db or redis://host:port/db (default $LABKIT_STORE, else sqlite:///conversations.db)."),
+    store: str = typer.Option(
+        None,
+        "--store",
+        help="sqlite:///path.db or redis://host:port/db (default $LABKIT_STORE, else sqlite:///conversations.db).",
+    ),
     ttl: int = typer.Option(None, "--ttl", help="Redis session TTL in seconds."),
     provider: str = typer.Option(None, "--provider", help="local (default), anthropic or openai."),
-    base_url: str = typer.Option(None, "--base-url", help="Any compatible API, e.g. a `labkit local-api --engine sim`."),
+    base_url: str = typer.Option(
+        None, "--base-url", help="Any compatible API, e.g. a `labkit local-api --engine sim`."
+    ),
     model: str = typer.Option(None, "--model", help="Model id (default: the provider's)."),
-    engine: str = typer.Option("llama", "--engine", help="Local API engine when no --base-url: llama or sim."),
-    context_budget: int = typer.Option(50_000, "--context-budget", help="Tokens above which only the last --keep-turns turns are sent."),
-    keep_turns: int = typer.Option(10, "--keep-turns", help="Turns sent when the budget is exceeded."),
-    max_message_chars: int = typer.Option(32_000, "--max-message-chars", help="Longest user message accepted."),
+    engine: str = typer.Option(
+        "llama", "--engine", help="Local API engine when no --base-url: llama or sim."
+    ),
+    context_budget: int = typer.Option(
+        50_000,
+        "--context-budget",
+        help="Tokens above which only the last --keep-turns turns are sent.",
+    ),
+    keep_turns: int = typer.Option(
+        10, "--keep-turns", help="Turns sent when the budget is exceeded."
+    ),
+    max_message_chars: int = typer.Option(
+        32_000, "--max-message-chars", help="Longest user message accepted."
+    ),
     max_tokens: int = typer.Option(512, "--max-tokens", help="max_tokens of each reply."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature."),
     max_retries: int = typer.Option(2, "--max-retries", help="SDK retries before the first byte."),
-    ping_seconds: float = typer.Option(15.0, "--ping-seconds", help="Seconds between SSE keep-alive comments."),
-    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
+    ping_seconds: float = typer.Option(
+        15.0, "--ping-seconds", help="Seconds between SSE keep-alive comments."
+    ),
+    access_log: bool = typer.Option(
+        True, "--access-log/--no-access-log", help="Log one line per request."
+    ),
 ) -> None:
     """Run the streaming chat API with persistent sessions (docs at /docs, chat page at /)."""
     from .server import Settings

@@ -26,7 +26,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, UpstreamError
-from .localapi.engines import MODEL_ID
+from .localapi.constants import MODEL_ID
 
 if TYPE_CHECKING:
     import anthropic
@@ -150,7 +150,12 @@ class Clients:
         base = self.base_url
         if base is None and self.provider in _BASE_ENV:
             base = os.environ.get(_BASE_ENV[self.provider]) or None
-        return {"provider": self.provider, "model": self.model, "engine": self.engine, "base_url": base}
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "engine": self.engine,
+            "base_url": base,
+        }
 
 
 def client(
@@ -168,13 +173,18 @@ def client(
     chosen = (provider or os.environ.get("LABKIT_PROVIDER") or "local").strip().lower()
     if chosen not in PROVIDERS:
         raise ConfigurationError(
-            f"Unknown provider {chosen!r}.", hint=f"Use one of: {', '.join(PROVIDERS)} (LABKIT_PROVIDER)."
+            f"Unknown provider {chosen!r}.",
+            hint=f"Use one of: {', '.join(PROVIDERS)} (LABKIT_PROVIDER).",
         )
     model = model or os.environ.get("LABKIT_MODEL") or DEFAULT_MODELS[chosen]
     if chosen == "local":
         if engine not in ("llama", "sim"):
-            raise ConfigurationError(f"Unknown engine {engine!r}.", hint="Use engine='llama' or engine='sim'.")
-        url = base_url.rstrip("/").removesuffix("/v1") if base_url else local_server(engine).base_url
+            raise ConfigurationError(
+                f"Unknown engine {engine!r}.", hint="Use engine='llama' or engine='sim'."
+            )
+        url = (
+            base_url.rstrip("/").removesuffix("/v1") if base_url else local_server(engine).base_url
+        )
         return Clients("local", model, url, engine, _LOCAL_KEY)
     key_var = _KEYS[chosen]
     key = os.environ.get(key_var)
@@ -209,7 +219,9 @@ def score_candidates(
             hint="Use labkit.providers.client('local'); paid APIs do not expose prompt log-probabilities.",
         )
     if not candidates:
-        raise ConfigurationError("No candidates to score.", hint="Pass at least one candidate string.")
+        raise ConfigurationError(
+            "No candidates to score.", hint="Pass at least one candidate string."
+        )
     try:
         resp = httpx.post(
             clients.base_url + "/v1/labkit/score",
@@ -217,7 +229,9 @@ def score_candidates(
             timeout=600.0,
         )
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"The local API did not answer: {exc}", hint="Is it still running?") from exc
+        raise UpstreamError(
+            f"The local API did not answer: {exc}", hint="Is it still running?"
+        ) from exc
     if resp.status_code != 200:
         try:
             detail = resp.json()["error"]["message"]

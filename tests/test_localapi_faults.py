@@ -35,9 +35,12 @@ def sim(**opts) -> dict:
     ],
 )
 def test_fail_before_maps_to_the_sdk_exception(sim_api, error_type, exc_class, status):
-    with pytest.raises(exc_class) as info, sdk(sim_api).messages.stream(
-        model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before=error_type)
-    ) as s:
+    with (
+        pytest.raises(exc_class) as info,
+        sdk(sim_api).messages.stream(
+            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before=error_type)
+        ) as s,
+    ):
         s.until_done()
     assert info.value.status_code == status
     assert info.value.body["error"]["type"] == error_type
@@ -45,15 +48,25 @@ def test_fail_before_maps_to_the_sdk_exception(sim_api, error_type, exc_class, s
 
 def test_overloaded_is_an_internal_server_error(sim_api):
     with pytest.raises(anthropic.InternalServerError):
-        sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="overloaded_error"))
+        sdk(sim_api).messages.create(
+            model=MODEL_ID,
+            max_tokens=5,
+            messages=USER,
+            extra_headers=sim(fail_before="overloaded_error"),
+        )
 
 
 def test_mid_stream_error_event_after_n_deltas(sim_api):
     got = []
-    with pytest.raises(anthropic.APIStatusError) as info, sdk(sim_api).messages.stream(
-        model=MODEL_ID, max_tokens=50, messages=USER,
-        extra_headers=sim(reply_tokens=10, fail_after=3, fail_with="overloaded_error"),
-    ) as s:
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        sdk(sim_api).messages.stream(
+            model=MODEL_ID,
+            max_tokens=50,
+            messages=USER,
+            extra_headers=sim(reply_tokens=10, fail_after=3, fail_with="overloaded_error"),
+        ) as s,
+    ):
         got.extend(s.text_stream)
     assert len(got) == 3
     assert info.value.body["error"]["type"] == "overloaded_error"
@@ -61,9 +74,15 @@ def test_mid_stream_error_event_after_n_deltas(sim_api):
 
 def test_fail_after_zero_errors_before_any_text(sim_api):
     got = []
-    with pytest.raises(anthropic.APIStatusError), sdk(sim_api).messages.stream(
-        model=MODEL_ID, max_tokens=50, messages=USER, extra_headers=sim(fail_after=0, fail_with="api_error")
-    ) as s:
+    with (
+        pytest.raises(anthropic.APIStatusError),
+        sdk(sim_api).messages.stream(
+            model=MODEL_ID,
+            max_tokens=50,
+            messages=USER,
+            extra_headers=sim(fail_after=0, fail_with="api_error"),
+        ) as s,
+    ):
         got.extend(s.text_stream)
     assert got == []
 
@@ -71,39 +90,56 @@ def test_fail_after_zero_errors_before_any_text(sim_api):
 def test_non_streaming_fail_after_returns_the_error_status(sim_api):
     with pytest.raises(anthropic.RateLimitError):
         sdk(sim_api).messages.create(
-            model=MODEL_ID, max_tokens=50, messages=USER, extra_headers=sim(fail_after=2, fail_with="rate_limit_error")
+            model=MODEL_ID,
+            max_tokens=50,
+            messages=USER,
+            extra_headers=sim(fail_after=2, fail_with="rate_limit_error"),
         )
 
 
 def test_dropped_connection_mid_stream_is_an_error_not_a_short_reply(sim_api):
     got = []
-    with pytest.raises((anthropic.APIConnectionError, httpx2.TransportError)), sdk(sim_api).messages.stream(
-        model=MODEL_ID, max_tokens=50, messages=USER,
-        extra_headers=sim(reply_tokens=10, fail_after=4, fail_with="disconnect"),
-    ) as s:
+    with (
+        pytest.raises((anthropic.APIConnectionError, httpx2.TransportError)),
+        sdk(sim_api).messages.stream(
+            model=MODEL_ID,
+            max_tokens=50,
+            messages=USER,
+            extra_headers=sim(reply_tokens=10, fail_after=4, fail_with="disconnect"),
+        ) as s,
+    ):
         got.extend(s.text_stream)
     assert len(got) == 4
 
 
 def test_dropped_connection_non_streaming_is_a_connection_error(sim_api):
     with pytest.raises(anthropic.APIConnectionError):
-        sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="disconnect"))
+        sdk(sim_api).messages.create(
+            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="disconnect")
+        )
 
 
 def test_openai_dropped_connection_is_a_connection_error(sim_api):
     client = openai.OpenAI(base_url=sim_api.openai_base_url, api_key="test", max_retries=0)
     with pytest.raises(openai.APIConnectionError):
         for _ in client.chat.completions.create(
-            model=MODEL_ID, messages=USER, stream=True, extra_headers=sim(fail_after=2, fail_with="disconnect")
+            model=MODEL_ID,
+            messages=USER,
+            stream=True,
+            extra_headers=sim(fail_after=2, fail_with="disconnect"),
         ):
             pass
 
 
 def test_bad_sim_header_is_a_bad_request(sim_api):
     with pytest.raises(anthropic.BadRequestError, match="x-labkit-sim"):
-        sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER, extra_headers={"x-labkit-sim": "ttft=5"})
+        sdk(sim_api).messages.create(
+            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers={"x-labkit-sim": "ttft=5"}
+        )
     with pytest.raises(anthropic.BadRequestError, match="fail_before"):
-        sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="oops"))
+        sdk(sim_api).messages.create(
+            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="oops")
+        )
 
 
 def test_server_wide_faults_apply_without_headers():
@@ -111,7 +147,9 @@ def test_server_wide_faults_apply_without_headers():
         with pytest.raises(anthropic.RateLimitError):
             sdk(api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER)
         # a request header can still override the server's fault
-        ok = sdk(api).messages.create(model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="none"))
+        ok = sdk(api).messages.create(
+            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim(fail_before="none")
+        )
         assert ok.content[0].text
 
 
@@ -139,12 +177,20 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:
 def test_client_disconnect_stops_generation_and_is_counted(sim_api):
     before = sim_api.metrics()
     with sdk(sim_api).messages.stream(
-        model=MODEL_ID, max_tokens=1000, messages=USER, extra_headers=sim(reply_tokens=500, itl_ms=20)
+        model=MODEL_ID,
+        max_tokens=1000,
+        messages=USER,
+        extra_headers=sim(reply_tokens=500, itl_ms=20),
     ) as s:
         for i, _ in enumerate(s.text_stream):
             if i == 2:
                 break
-    assert _wait_for(lambda: sim_api.metrics()["labkit_streams_cancelled_total"] == before["labkit_streams_cancelled_total"] + 1)
+    assert _wait_for(
+        lambda: (
+            sim_api.metrics()["labkit_streams_cancelled_total"]
+            == before["labkit_streams_cancelled_total"] + 1
+        )
+    )
     m1 = sim_api.metrics()
     assert m1["labkit_active_streams"] == 0
     time.sleep(0.3)
@@ -157,7 +203,9 @@ def test_client_disconnect_stops_generation_and_is_counted(sim_api):
 def test_llama_disconnect_stops_decoding(llama_api):
     before = llama_api.metrics()
     with sdk(llama_api).messages.stream(
-        model=MODEL_ID, max_tokens=400, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        model=MODEL_ID,
+        max_tokens=400,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
     ) as s:
         for i, _ in enumerate(s.text_stream):
             if i == 2:
@@ -166,7 +214,9 @@ def test_llama_disconnect_stops_decoding(llama_api):
     m1 = llama_api.metrics()
     assert m1["labkit_streams_cancelled_total"] == before["labkit_streams_cancelled_total"] + 1
     time.sleep(0.3)
-    assert llama_api.metrics()["labkit_tokens_generated_total"] == m1["labkit_tokens_generated_total"]
+    assert (
+        llama_api.metrics()["labkit_tokens_generated_total"] == m1["labkit_tokens_generated_total"]
+    )
     assert m1["labkit_tokens_generated_total"] - before["labkit_tokens_generated_total"] < 200
     # the engine serves the next request normally
     msg = sdk(llama_api).messages.create(model=MODEL_ID, max_tokens=4, messages=USER)
@@ -176,16 +226,33 @@ def test_llama_disconnect_stops_decoding(llama_api):
 def test_metrics_endpoint_is_prometheus_text(sim_api):
     text = httpx.get(sim_api.base_url + "/metrics").text
     assert "# TYPE labkit_streams_cancelled_total counter" in text
-    assert "labkit_ttft_seconds_bucket{le=\"+Inf\"}" in text
+    assert 'labkit_ttft_seconds_bucket{le="+Inf"}' in text
 
 
 def test_non_streaming_request_abandoned_by_the_client_stops_the_engine(sim_api):
     before = sim_api.metrics()
     body = {"model": MODEL_ID, "max_tokens": 1000, "messages": USER}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(sim_api.base_url + "/v1/messages", json=body, timeout=0.3,
-                   headers=sim(reply_tokens=500, itl_ms=20, ttft_ms=0))
-    assert _wait_for(lambda: sim_api.metrics()["labkit_streams_cancelled_total"] == before["labkit_streams_cancelled_total"] + 1)
+        httpx.post(
+            sim_api.base_url + "/v1/messages",
+            json=body,
+            timeout=0.3,
+            headers=sim(reply_tokens=500, itl_ms=20, ttft_ms=0),
+        )
+    assert _wait_for(
+        lambda: (
+            sim_api.metrics()["labkit_streams_cancelled_total"]
+            == before["labkit_streams_cancelled_total"] + 1
+        )
+    )
     m1 = sim_api.metrics()
     time.sleep(0.3)
     assert sim_api.metrics()["labkit_tokens_generated_total"] == m1["labkit_tokens_generated_total"]
+
+
+def test_every_engine_error_type_has_an_http_status():
+    from labkit.localapi.engine import ERROR_TYPES
+    from labkit.localapi.wire import ERROR_STATUS
+
+    assert set(ERROR_STATUS) == set(ERROR_TYPES)
+    assert all(400 <= status < 600 for status in ERROR_STATUS.values())

@@ -13,8 +13,14 @@ USER = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("LABKIT_PROVIDER", "LABKIT_MODEL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY",
-                "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL"):
+    for var in (
+        "LABKIT_PROVIDER",
+        "LABKIT_MODEL",
+        "ANTHROPIC_API_KEY",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "OPENAI_BASE_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -24,10 +30,17 @@ def test_local_sim_is_started_once_and_reused(clean_env):
     b = client("local", engine="sim")
     assert a.provider == "local" and a.model == MODEL_ID and a.engine == "sim"
     assert a.base_url == b.base_url and a.base_url.startswith("http://127.0.0.1:")
-    assert a.describe() == {"provider": "local", "model": MODEL_ID, "engine": "sim", "base_url": a.base_url}
+    assert a.describe() == {
+        "provider": "local",
+        "model": MODEL_ID,
+        "engine": "sim",
+        "base_url": a.base_url,
+    }
     msg = a.anthropic.messages.create(model=a.model, max_tokens=3, messages=USER)
     assert msg.content[0].text
-    chunks = list(a.openai.chat.completions.create(model=a.model, messages=USER, stream=True, max_tokens=3))
+    chunks = list(
+        a.openai.chat.completions.create(model=a.model, messages=USER, stream=True, max_tokens=3)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
 
 
@@ -113,3 +126,19 @@ def test_score_candidates_ranks_the_obvious_answer_first(clean_env, llama_api):
     # scoring leaves generation intact
     msg = c.anthropic.messages.create(model=c.model, max_tokens=4, messages=USER)
     assert msg.usage.output_tokens >= 1
+
+
+def test_importing_providers_does_not_load_the_local_api_server_or_its_libraries():
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys, labkit.providers; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(json.loads(out.stdout))
+    heavy = {"fastapi", "uvicorn", "llama_cpp", "sse_starlette"} & loaded
+    assert not heavy, f"import labkit.providers loaded {sorted(heavy)}"
+    localapi = {m for m in loaded if m.startswith("labkit.localapi.")}
+    assert localapi == {"labkit.localapi.constants"}

@@ -38,7 +38,7 @@ from anthropic.types import (
 )
 from anthropic.types.raw_message_delta_event import Delta
 
-from .engines import (
+from .engine import (
     ChatMessage,
     EngineError,
     Event,
@@ -139,7 +139,9 @@ def parse_messages(body: dict[str, Any]) -> tuple[str, list[ChatMessage], str]:
                 'top-level `system` parameter, not "system" as an input message role.'
             )
         if role not in ("user", "assistant"):
-            raise _invalid(f"messages.{i}.role: Input should be 'user' or 'assistant' (got {role!r})")
+            raise _invalid(
+                f"messages.{i}.role: Input should be 'user' or 'assistant' (got {role!r})"
+            )
         if "content" not in m:
             raise _invalid(f"messages.{i}.content: Field required")
         text = _content_text(m["content"], f"messages.{i}.content")
@@ -173,7 +175,9 @@ def parse_messages_request(
         raise _invalid(f"max_tokens: Input should be greater than or equal to 1 (got {max_tokens})")
     system, messages, prefill = parse_messages(body)
     temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, int | float) or not 0.0 <= temperature <= 1.0):
+    if temperature is not None and (
+        not isinstance(temperature, int | float) or not 0.0 <= temperature <= 1.0
+    ):
         raise _invalid("temperature: Input should be a number between 0 and 1")
     top_p = body.get("top_p")
     if top_p is not None and (not isinstance(top_p, int | float) or not 0.0 <= top_p <= 1.0):
@@ -192,7 +196,12 @@ def parse_messages_request(
     choice = body.get("tool_choice")
     tool_choice, tool_name = None, None
     if choice is not None:
-        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        if not isinstance(choice, dict) or choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
             raise _invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
         tool_choice = choice["type"]
         if tool_choice == "tool":
@@ -266,13 +275,18 @@ async def stream_frames(
         if isinstance(ev, TextPiece):
             if open_kind != "text":
                 if open_kind is not None:
-                    yield frame("content_block_stop", RawContentBlockStopEvent(type="content_block_stop", index=index))
+                    yield frame(
+                        "content_block_stop",
+                        RawContentBlockStopEvent(type="content_block_stop", index=index),
+                    )
                 index += 1
                 open_kind = "text"
                 yield frame(
                     "content_block_start",
                     RawContentBlockStartEvent(
-                        type="content_block_start", index=index, content_block=TextBlock(type="text", text="")
+                        type="content_block_start",
+                        index=index,
+                        content_block=TextBlock(type="text", text=""),
                     ),
                 )
             if first and on_first is not None:
@@ -281,12 +295,17 @@ async def stream_frames(
             yield frame(
                 "content_block_delta",
                 RawContentBlockDeltaEvent(
-                    type="content_block_delta", index=index, delta=TextDelta(type="text_delta", text=ev.text)
+                    type="content_block_delta",
+                    index=index,
+                    delta=TextDelta(type="text_delta", text=ev.text),
                 ),
             )
         elif isinstance(ev, ToolStart):
             if open_kind is not None:
-                yield frame("content_block_stop", RawContentBlockStopEvent(type="content_block_stop", index=index))
+                yield frame(
+                    "content_block_stop",
+                    RawContentBlockStopEvent(type="content_block_stop", index=index),
+                )
             index += 1
             open_kind = "tool_use"
             if first and on_first is not None:
@@ -311,7 +330,10 @@ async def stream_frames(
             )
         elif isinstance(ev, Finished):
             if open_kind is not None:
-                yield frame("content_block_stop", RawContentBlockStopEvent(type="content_block_stop", index=index))
+                yield frame(
+                    "content_block_stop",
+                    RawContentBlockStopEvent(type="content_block_stop", index=index),
+                )
             usage = MessageDeltaUsage(
                 output_tokens=ev.output_tokens,
                 input_tokens=started.input_tokens - started.cached_tokens,
@@ -362,7 +384,9 @@ async def collect_message(
     flush_text()
     if tool is not None:
         raw = "".join(tool["json"]) or "{}"
-        content.append(ToolUseBlock(type="tool_use", id=tool["id"], name=tool["name"], input=json.loads(raw)))
+        content.append(
+            ToolUseBlock(type="tool_use", id=tool["id"], name=tool["name"], input=json.loads(raw))
+        )
     assert finished is not None
     msg = Message(
         id=new_message_id(),

@@ -44,18 +44,18 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_wire, openai_wire
-from .engines import (
-    CONTEXT_WINDOW,
-    MODEL_ID,
+from .constants import CONTEXT_WINDOW, MODEL_ID
+from .engine import (
     DropConnection,
     Engine,
     EngineError,
     Event,
     GenerationRequest,
     Started,
-    parse_sim_header,
 )
 from .metrics import Metrics
+from .sim import parse_sim_header
+from .wire import error_headers, error_status
 
 __all__ = ["MAX_BODY_BYTES", "accepts_model", "create_app"]
 
@@ -133,17 +133,18 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         return request.url.path.startswith("/v1/chat")
 
     def error_response(
-        request: Request, error_type: str, message: str, status: int | None = None, code: str | None = None
+        request: Request,
+        error_type: str,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
     ) -> Response:
-        from .engines import ERROR_STATUS
-
-        status = status or ERROR_STATUS.get(error_type, 500)
+        status = status or error_status(error_type)
         if is_openai(request):
             body = openai_wire.error_body(error_type, message, code=code)
         else:
             body = anthropic_wire.error_body(error_type, message)
-        headers = {"retry-after": "1"} if status in (429, 529) else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status, headers=error_headers(status))
 
     @api.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> Response:
@@ -151,25 +152,44 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "api_error")
-        return error_response(request, kind, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+            exc.status_code, "api_error"
+        )
+        return error_response(
+            request, kind, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code
+        )
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise EngineError("request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes.")
+            raise EngineError(
+                "request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes."
+            )
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
-            raise EngineError("request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes.")
+            raise EngineError(
+                "request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes."
+            )
         try:
             return json.loads(raw)
         except ValueError as exc:
-            raise EngineError("invalid_request_error", f"The request body is not valid JSON: {exc}") from None
+            raise EngineError(
+                "invalid_request_error", f"The request body is not valid JSON: {exc}"
+            ) from None
 
     def request_options(request: Request) -> dict[str, Any]:
         sim = parse_sim_header(request.headers.get("x-labkit-sim")) if engine.name == "sim" else {}
-        cache = request.headers.get("x-labkit-cache", "on").strip().lower() not in ("off", "0", "false", "no")
-        return {"sim": sim, "cache": cache, "t0": request.scope.get("labkit.t0", time.perf_counter())}
+        cache = request.headers.get("x-labkit-cache", "on").strip().lower() not in (
+            "off",
+            "0",
+            "false",
+            "no",
+        )
+        return {
+            "sim": sim,
+            "cache": cache,
+            "t0": request.scope.get("labkit.t0", time.perf_counter()),
+        }
 
     def check_model(model: str) -> None:
         if not accepts_model(model):
@@ -178,11 +198,17 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 f"model: {model} (the local API serves {MODEL_ID!r}; see GET /v1/models)",
             )
 
-    def check_context(req: GenerationRequest, *, max_tokens_given: bool = True, openai: bool = False) -> int:
+    def check_context(
+        req: GenerationRequest, *, max_tokens_given: bool = True, openai: bool = False
+    ) -> int:
         n = engine.count_tokens(req)
         window = engine.context_window
         if openai and (n > window or (max_tokens_given and n + req.max_tokens > window)):
-            asked = f" ({n} in the messages, {req.max_tokens} in the completion)" if max_tokens_given else ""
+            asked = (
+                f" ({n} in the messages, {req.max_tokens} in the completion)"
+                if max_tokens_given
+                else ""
+            )
             raise EngineError(
                 "invalid_request_error",
                 f"This model's maximum context length is {window} tokens. However, you requested "
@@ -191,7 +217,9 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 code="context_length_exceeded",
             )
         if n > window:
-            raise EngineError("invalid_request_error", f"prompt is too long: {n} tokens > {window} maximum")
+            raise EngineError(
+                "invalid_request_error", f"prompt is too long: {n} tokens > {window} maximum"
+            )
         if max_tokens_given and n + req.max_tokens > window:
             raise EngineError(
                 "invalid_request_error",
@@ -254,7 +282,9 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         )
 
     async def non_stream(
-        request: Request, events: AsyncIterator[Event], collect: Callable[[], Awaitable[dict[str, Any]]]
+        request: Request,
+        events: AsyncIterator[Event],
+        collect: Callable[[], Awaitable[dict[str, Any]]],
     ) -> Response:
         """Collect the whole reply; stop the engine if the client leaves meanwhile (note 6)."""
         task = asyncio.ensure_future(collect())
@@ -280,7 +310,12 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
 
     @api.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "engine": engine.name, "model": MODEL_ID, "context_window": engine.context_window}
+        return {
+            "status": "ok",
+            "engine": engine.name,
+            "model": MODEL_ID,
+            "context_window": engine.context_window,
+        }
 
     @api.get("/metrics")
     async def get_metrics() -> Response:
@@ -299,7 +334,13 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
             "owned_by": "labkit",
             "context_window": CONTEXT_WINDOW,
         }
-        return {"object": "list", "data": [entry], "has_more": False, "first_id": MODEL_ID, "last_id": MODEL_ID}
+        return {
+            "object": "list",
+            "data": [entry],
+            "has_more": False,
+            "first_id": MODEL_ID,
+            "last_id": MODEL_ID,
+        }
 
     @api.post("/v1/messages")
     async def messages(request: Request) -> Response:
@@ -316,11 +357,15 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
             return sse(
                 anthropic_wire.stream_frames(started, events, model=model, on_first=on_first),
                 events,
-                lambda exc: anthropic_wire.frame("error", anthropic_wire.error_body(exc.error_type, exc.message)),
+                lambda exc: anthropic_wire.frame(
+                    "error", anthropic_wire.error_body(exc.error_type, exc.message)
+                ),
                 lambda: ServerSentEvent(event="ping", data='{"type": "ping"}'),
             )
         return await non_stream(
-            request, events, lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first)
+            request,
+            events,
+            lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first),
         )
 
     @api.post("/v1/messages/count_tokens")
@@ -350,13 +395,21 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         on_first = first_token_observer(req.t0)
         if body.get("stream"):
             return sse(
-                openai_wire.stream_chunks(started, events, model=model, include_usage=include_usage, on_first=on_first),
+                openai_wire.stream_chunks(
+                    started, events, model=model, include_usage=include_usage, on_first=on_first
+                ),
                 events,
-                lambda exc: b"data: " + json.dumps(openai_wire.error_body(exc.error_type, exc.message)).encode() + b"\n\n",
+                lambda exc: (
+                    b"data: "
+                    + json.dumps(openai_wire.error_body(exc.error_type, exc.message)).encode()
+                    + b"\n\n"
+                ),
                 lambda: ServerSentEvent(comment="ping"),
             )
         return await non_stream(
-            request, events, lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first)
+            request,
+            events,
+            lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first),
         )
 
     @api.post("/v1/labkit/score")
@@ -371,8 +424,15 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
         if not isinstance(body, dict):
             raise EngineError("invalid_request_error", "The request body must be a JSON object.")
         candidates = body.get("candidates")
-        if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) and c for c in candidates):
-            raise EngineError("invalid_request_error", "candidates: a non-empty list of non-empty strings is required")
+        if (
+            not isinstance(candidates, list)
+            or not candidates
+            or not all(isinstance(c, str) and c for c in candidates)
+        ):
+            raise EngineError(
+                "invalid_request_error",
+                "candidates: a non-empty list of non-empty strings is required",
+            )
         system, msgs, prefill = anthropic_wire.parse_messages(body)
         if not isinstance(body.get("system") or "", str):
             raise EngineError("invalid_request_error", "system: must be a string or null")

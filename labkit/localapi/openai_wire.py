@@ -39,8 +39,8 @@ from openai.types.chat.chat_completion_message_function_tool_call import (
 )
 from openai.types.completion_usage import PromptTokensDetails
 
-from .engines import (
-    CONTEXT_WINDOW,
+from .constants import CONTEXT_WINDOW
+from .engine import (
     ChatMessage,
     EngineError,
     Event,
@@ -69,17 +69,26 @@ _OPENAI_ERRORS = {
     "overloaded_error": ("server_error", "overloaded"),
 }
 
-_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
 
 
 def _invalid(message: str) -> EngineError:
     return EngineError("invalid_request_error", message)
 
 
-def error_body(error_type: str, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    error_type: str, message: str, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error body for one of labkit's (Anthropic-named) error types."""
     kind, default_code = _OPENAI_ERRORS.get(error_type, ("server_error", None))
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": code or default_code}
+    }
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -111,7 +120,9 @@ def parse_chat_request(
         raise _invalid("you must provide a model parameter")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _invalid("messages: at least one message is required ('messages' must be a non-empty array)")
+        raise _invalid(
+            "messages: at least one message is required ('messages' must be a non-empty array)"
+        )
     system_parts: list[str] = []
     out: list[ChatMessage] = []
     for i, m in enumerate(messages):
@@ -141,13 +152,17 @@ def parse_chat_request(
     if not out:
         raise _invalid("messages: at least one user message is required")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
         raise _invalid(f"max_tokens: must be a positive integer (got {max_tokens!r})")
     n = body.get("n", 1)
     if n not in (None, 1):
         raise _invalid("n: only n=1 is supported by the local API")
     temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, int | float) or not 0 <= temperature <= 2):
+    if temperature is not None and (
+        not isinstance(temperature, int | float) or not 0 <= temperature <= 2
+    ):
         raise _invalid("temperature: must be a number between 0 and 2")
     top_p = body.get("top_p")
     if top_p is not None and (not isinstance(top_p, int | float) or not 0 <= top_p <= 1):
@@ -297,7 +312,9 @@ async def collect_completion(
         if isinstance(ev, TextPiece):
             text.append(ev.text)
         elif isinstance(ev, ToolStart):
-            calls.append({"id": "call_" + ev.id.removeprefix("toolu_"), "name": ev.name, "args": []})
+            calls.append(
+                {"id": "call_" + ev.id.removeprefix("toolu_"), "name": ev.name, "args": []}
+            )
         elif isinstance(ev, ToolInput) and calls:
             calls[-1]["args"].append(ev.partial_json)
         elif isinstance(ev, Finished):
@@ -306,7 +323,9 @@ async def collect_completion(
     assert finished is not None
     tool_calls = [
         ChatCompletionMessageFunctionToolCall(
-            id=c["id"], type="function", function=Function(name=c["name"], arguments="".join(c["args"]))
+            id=c["id"],
+            type="function",
+            function=Function(name=c["name"], arguments="".join(c["args"])),
         )
         for c in calls
     ]

@@ -13,7 +13,6 @@ Notes:
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import os
@@ -29,18 +28,18 @@ from typing import Any
 import httpx
 
 from ..errors import ConfigurationError
-from .engines import SimOptions, make_engine
+from .constants import DEFAULT_HOST
+from .engine import check_engine, make_engine
 from .metrics import Metrics, parse_prometheus
+from .options import option_args
 
-__all__ = ["LocalAPIServer", "add_arguments", "options_from_args", "serve"]
-
-_SIM_KEYS = ("ttft_ms", "itl_ms", "jitter_ms", "reply_tokens", "seed", "fail_before", "fail_after", "fail_with", "fail_rate")
+__all__ = ["LocalAPIServer", "serve"]
 
 
 def serve(
     engine: str = "llama",
     *,
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_HOST,
     port: int = 0,
     port_file: str | None = None,
     watch_parent: bool = False,
@@ -88,58 +87,6 @@ def serve(
     server.run(sockets=[sock])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The local API's command-line options (shared by ``python -m`` and ``labkit local-api``)."""
-    d = SimOptions()
-    parser.add_argument("--engine", choices=["llama", "sim"], default="llama", help="llama: the real SmolLM2 model (default); sim: no model, exact latency and faults.")
-    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=8765, help="Port (0 picks a free one; default 8765).")
-    parser.add_argument("--no-cache", action="store_true", help="llama: turn prefix (prompt) caching off for every request.")
-    parser.add_argument("--n-threads", type=int, default=None, help="llama: threads (default: available cores).")
-    sim = parser.add_argument_group("sim engine")
-    sim.add_argument("--ttft-ms", type=float, default=None, help=f"Request → first text delta, ms (default {d.ttft_ms:g}).")
-    sim.add_argument("--itl-ms", type=float, default=None, help=f"Gap between text deltas, ms (default {d.itl_ms:g}).")
-    sim.add_argument("--jitter-ms", type=float, default=None, help="Random extra delay 0..J ms per delta (default 0).")
-    sim.add_argument("--reply-tokens", type=int, default=None, help=f"Text deltas per reply (default {d.reply_tokens}).")
-    sim.add_argument("--seed", type=int, default=None, help="Seed of the text, jitter and --fail-rate (default 0).")
-    sim.add_argument("--fail-before", default=None, help="Fail every request before any byte with this error type (e.g. rate_limit_error, overloaded_error) or 'disconnect'.")
-    sim.add_argument("--fail-after", type=int, default=None, help="Fail every stream after N text deltas (see --fail-with).")
-    sim.add_argument("--fail-with", default=None, help="Mid-stream failure: an error type (SSE error event) or 'disconnect' (default api_error).")
-    sim.add_argument("--fail-rate", type=float, default=None, help="Apply the fault to this share (0..1) of requests only (overloaded_error before any byte if no fault is set).")
-
-
-def options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """``(engine, engine_opts)`` from parsed arguments; sim flags with llama are an error."""
-    sim = {k: getattr(args, k) for k in _SIM_KEYS if getattr(args, k, None) is not None}
-    if args.engine == "sim":
-        if args.no_cache or args.n_threads:
-            raise ConfigurationError("--no-cache and --n-threads apply to --engine llama only.")
-        return "sim", sim
-    if sim:
-        flags = ", ".join("--" + k.replace("_", "-") for k in sim)
-        raise ConfigurationError(f"{flags}: sim options need --engine sim.", hint="Add --engine sim, or drop those flags.")
-    opts: dict[str, Any] = {"cache": not args.no_cache}
-    if args.n_threads:
-        opts["n_threads"] = args.n_threads
-    return "llama", opts
-
-
-def _option_args(engine: str, opts: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for key, value in opts.items():
-        if value is None:
-            continue
-        if key == "cache":
-            if not value:
-                out.append("--no-cache")
-            continue
-        if key not in (*_SIM_KEYS, "n_threads"):
-            hint = "Sim options: " + ", ".join(_SIM_KEYS) + "; llama options: cache, n_threads."
-            raise ConfigurationError(f"Unknown local API option {key!r} for engine {engine!r}.", hint=hint)
-        out += ["--" + key.replace("_", "-"), str(value)]
-    return out
-
-
 class LocalAPIServer:
     """The local API in a child process, for tests, notebooks and ``providers.client()``.
 
@@ -151,19 +98,17 @@ class LocalAPIServer:
         self,
         engine: str = "llama",
         *,
-        host: str = "127.0.0.1",
+        host: str = DEFAULT_HOST,
         port: int = 0,
         startup_timeout: float = 90.0,
         **engine_opts: Any,
     ) -> None:
-        if engine not in ("llama", "sim"):
-            raise ConfigurationError(f"Unknown engine {engine!r}.", hint="Use engine='llama' or engine='sim'.")
-        self.engine = engine
+        self.engine = check_engine(engine)
         self.host = host
         self.requested_port = port
         self.engine_opts = engine_opts
         self.startup_timeout = startup_timeout
-        self._args = _option_args(engine, engine_opts)
+        self._args = option_args(engine, engine_opts)
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -172,7 +117,9 @@ class LocalAPIServer:
     def base_url(self) -> str:
         """What the Anthropic SDK takes as ``base_url`` (no ``/v1``)."""
         if self.port is None:
-            raise ConfigurationError("The local API is not running.", hint="Call start() or use it as a context manager.")
+            raise ConfigurationError(
+                "The local API is not running.", hint="Call start() or use it as a context manager."
+            )
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -196,10 +143,25 @@ class LocalAPIServer:
         port_file = Path(self._dir.name) / "port"
         log = open(Path(self._dir.name) / "server.log", "wb")  # noqa: SIM115 - handed to the child
         cmd = [
-            sys.executable, "-m", "labkit.localapi", "--engine", self.engine, "--host", self.host,
-            "--port", str(self.requested_port), "--port-file", str(port_file), "--watch-parent", *self._args,
+            sys.executable,
+            "-m",
+            "labkit.localapi",
+            "--host",
+            self.host,
+            "--port",
+            str(self.requested_port),
+            "--port-file",
+            str(port_file),
+            "--watch-parent",
+            *self._args,
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout
@@ -214,7 +176,9 @@ class LocalAPIServer:
                     self.port = int(port_file.read_text())
                     break
                 if time.monotonic() > deadline:
-                    raise ConfigurationError(f"The local API did not start within {self.startup_timeout:g} s.")
+                    raise ConfigurationError(
+                        f"The local API did not start within {self.startup_timeout:g} s."
+                    )
                 time.sleep(0.02)
             while True:
                 try:

@@ -1,0 +1,331 @@
+"""The ``sim`` engine: deterministic text at a requested latency, with injectable faults.
+
+It exists for what a real API cannot do on demand: known latency (ground truth for
+the timing harness), mid-stream errors, rate limits, dropped connections, load. Its
+options (:class:`SimOptions`) are the server's ``--ttft-ms …`` flags and, per request,
+the keys of the ``x-labkit-sim`` header.
+
+Notes on deliberate choices:
+
+1. The sim engine sleeps to absolute ``perf_counter`` deadlines measured from the
+   request's arrival (never cumulative sleeps), and, while few streams are active,
+   spends the last 2 ms before a deadline yielding to the loop instead of trusting
+   the loop's millisecond timer, so the first delta leaves on time.
+2. Each field of :class:`SimOptions` carries its own help (``metadata["help"]``): the
+   command line builds its sim flags from those fields, so a new option is added here
+   once and appears as a flag, a header key and a ``LocalAPIServer`` keyword.
+3. Its token counts are cl100k tokens of the ChatML rendering: the sim has no model of
+   its own, and counts only need to be stable and plausible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import ConfigurationError
+from .constants import CONTEXT_WINDOW
+from .engine import (
+    ERROR_TYPES,
+    DropConnection,
+    EngineError,
+    Event,
+    Finished,
+    GenerationRequest,
+    Started,
+    TextPiece,
+    ToolInput,
+    ToolStart,
+    render_chatml,
+)
+from .metrics import Metrics
+
+__all__ = ["SimEngine", "SimOptions", "parse_sim_header", "sim_tool_input"]
+
+#: What an injected error says (the sim engine's faults carry no message of their own).
+_INJECTED_MESSAGES = {
+    "invalid_request_error": "Invalid request (injected by the sim engine).",
+    "authentication_error": "invalid x-api-key (injected by the sim engine)",
+    "billing_error": "Your credit balance is too low (injected by the sim engine).",
+    "permission_error": "Your API key does not have permission (injected by the sim engine).",
+    "not_found_error": "Not found (injected by the sim engine).",
+    "request_too_large": "Request exceeds the maximum allowed size (injected by the sim engine).",
+    "rate_limit_error": "Rate limit exceeded (injected by the sim engine).",
+    "api_error": "Internal server error (injected by the sim engine).",
+    "timeout_error": "Request timed out (injected by the sim engine).",
+    "overloaded_error": "Overloaded (injected by the sim engine).",
+}
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SimOptions:
+    """Latency and faults of the sim engine (server flags, overridable per request; note 2)."""
+
+    ttft_ms: float = _option(
+        200.0, "Time from the request's arrival to the first text delta, in ms."
+    )
+    itl_ms: float = _option(20.0, "Gap between text deltas, in ms.")
+    jitter_ms: float = _option(
+        0.0, "Each delta is late by a uniform random 0..J ms (deadlines stay monotonic)."
+    )
+    reply_tokens: int = _option(
+        40, "Text deltas (one token each) in a reply, before max_tokens caps it."
+    )
+    seed: int = _option(0, "Seed of the text, the jitter and fail_rate.")
+    fail_before: str | None = _option(
+        None,
+        "Fail every request before any byte of the body with this error type (an HTTP error status: "
+        "rate_limit_error, overloaded_error, api_error, ...); 'disconnect' closes the connection "
+        "right after the response headers.",
+    )
+    fail_after: int | None = _option(None, "Fail every stream after N text deltas (see fail_with).")
+    fail_with: str = _option(
+        "api_error", "The mid-stream failure: an error type (an SSE error event) or 'disconnect'."
+    )
+    fail_rate: float = _option(
+        0.0,
+        "Apply the fault to this share (0..1) of requests only (overloaded_error before any byte if no fault is set).",
+    )
+
+    def merged(self, overrides: dict[str, str]) -> SimOptions:
+        """These options with per-request ``overrides`` applied (validated)."""
+        if not overrides:
+            return self
+        types = {f.name: f.type for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for key, raw in overrides.items():
+            if key not in types:
+                raise EngineError(
+                    "invalid_request_error",
+                    f"x-labkit-sim: unknown key {key!r}; known keys: {', '.join(types)}.",
+                )
+            try:
+                changes[key] = _convert(types[key], raw)
+            except ValueError:
+                raise EngineError(
+                    "invalid_request_error", f"x-labkit-sim: {key}={raw!r} is not a valid value."
+                ) from None
+        opts = replace(self, **changes)
+        opts.validate(
+            error=lambda msg: EngineError("invalid_request_error", f"x-labkit-sim: {msg}")
+        )
+        return opts
+
+    def validate(self, error: Callable[[str], Exception] | None = None) -> None:
+        """Raise ``error(msg)`` (default ConfigurationError) if an option is out of range."""
+
+        def fail(msg: str) -> None:
+            raise (
+                error(msg)
+                if error
+                else ConfigurationError(msg, hint="See `labkit local-api --help`.")
+            )
+
+        for name in ("ttft_ms", "itl_ms", "jitter_ms"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0.")
+        if self.reply_tokens < 0:
+            fail("reply_tokens must be >= 0.")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            fail("fail_rate must be between 0 and 1.")
+        if self.fail_after is not None and self.fail_after < 0:
+            fail("fail_after must be >= 0.")
+        for name in ("fail_before", "fail_with"):
+            value = getattr(self, name)
+            if value is not None and value != "disconnect" and value not in ERROR_TYPES:
+                fail(f"{name}={value!r}: use one of {', '.join(ERROR_TYPES)} or 'disconnect'.")
+
+
+def _convert(type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    if raw.lower() in ("none", "null", "") and "None" in t:
+        return None
+    if t.startswith("float"):
+        return float(raw)
+    if t.startswith("int"):
+        return int(raw)
+    return raw
+
+
+def parse_sim_header(value: str | None) -> dict[str, str]:
+    """``"ttft_ms=300;itl_ms=15"`` → ``{"ttft_ms": "300", "itl_ms": "15"}``."""
+    out: dict[str, str] = {}
+    if not value:
+        return out
+    for part in value.replace(",", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        if not sep:
+            raise EngineError(
+                "invalid_request_error", f"x-labkit-sim: expected key=value, got {part!r}."
+            )
+        out[key.strip()] = val.strip()
+    return out
+
+
+_TEXT = (
+    "the stream carries tokens as they arrive so a reader sees words early while the model "
+    "keeps writing each event is a small frame of text sent over one open connection and "
+    "latency is measured from the request to the first frame then between frames until the "
+    "last one closes the message with its usage"
+)
+_WORDS = _TEXT.split()
+
+_SPIN_S = 0.002  # last stretch before a deadline spent yielding, not sleeping (note 1)
+_PRECISE_MAX_STREAMS = 4
+
+
+async def _sleep_until(deadline: float, precise: bool) -> None:
+    remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        return
+    if not precise:
+        await asyncio.sleep(remaining)
+        return
+    if remaining > _SPIN_S:
+        await asyncio.sleep(remaining - _SPIN_S)
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0)
+
+
+def _example_value(schema: dict[str, Any], name: str) -> Any:
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    t = schema.get("type", "string")
+    if isinstance(t, list):
+        t = next((x for x in t if x != "null"), "string")
+    if t == "object":
+        props = schema.get("properties", {})
+        return {k: _example_value(props.get(k, {}), k) for k in schema.get("required", [])}
+    if t == "array":
+        items = schema.get("items", {})
+        return [_example_value(items, name)] if schema.get("minItems") else []
+    if t == "integer":
+        return int(schema.get("minimum", 1))
+    if t == "number":
+        return float(schema.get("minimum", 1.0))
+    if t == "boolean":
+        return True
+    if t == "null":
+        return None
+    return f"sim {name}"
+
+
+def sim_tool_input(schema: dict[str, Any]) -> dict[str, Any]:
+    """A deterministic input satisfying ``schema``'s required fields."""
+    props = schema.get("properties", {}) or {}
+    value = {k: _example_value(props.get(k, {}), k) for k in schema.get("required", []) or []}
+    if not value and props:  # nothing required: fill the first property so the call says something
+        first = next(iter(props))
+        value[first] = _example_value(props[first], first)
+    return value
+
+
+class SimEngine:
+    """Deterministic text at a requested latency, with injectable faults."""
+
+    name = "sim"
+    context_window = CONTEXT_WINDOW
+
+    def __init__(
+        self, options: SimOptions | None = None, *, metrics: Metrics | None = None
+    ) -> None:
+        self.options = options or SimOptions()
+        self.options.validate()
+        self.metrics = metrics or Metrics()
+        self._fault_rng = random.Random(self.options.seed)
+        from ..tokens import get_encoding
+
+        self._enc = get_encoding("cl100k_base")
+
+    def count_tokens(self, req: GenerationRequest) -> int:
+        """cl100k tokens of the ChatML rendering (note 3)."""
+        text = render_chatml(req.system, req.messages, req.prefill)
+        return len(self._enc.encode(text, disallowed_special=()))
+
+    def _fault(self, opts: SimOptions) -> tuple[str | None, int | None, str]:
+        before, after, with_ = opts.fail_before, opts.fail_after, opts.fail_with
+        if opts.fail_rate > 0:
+            if self._fault_rng.random() < opts.fail_rate:
+                if before is None and after is None:
+                    before = "overloaded_error"
+            else:
+                before, after = None, None
+        return before, after, with_
+
+    @staticmethod
+    def _raise(kind: str) -> None:
+        if kind == "disconnect":
+            raise DropConnection()
+        raise EngineError(kind, _INJECTED_MESSAGES[kind])
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        opts = self.options.merged(req.sim)
+        before, after, with_ = self._fault(opts)
+        if before is not None:
+            self._raise(before)
+        yield Started(input_tokens=self.count_tokens(req))
+        last_user = req.messages[-1].text if req.messages else ""
+        rng = random.Random(opts.seed * 1_000_003 + zlib.crc32(last_user.encode()))
+        t_first = req.t0 + opts.ttft_ms / 1000
+        itl = opts.itl_ms / 1000
+        jitter = opts.jitter_ms / 1000
+        last_deadline = 0.0
+
+        def deadline(i: int) -> float:
+            nonlocal last_deadline
+            d = t_first + i * itl + (rng.random() * jitter if jitter else 0.0)
+            last_deadline = max(last_deadline, d)
+            return last_deadline
+
+        def precise() -> bool:
+            return self.metrics.active_streams <= _PRECISE_MAX_STREAMS
+
+        forced = None
+        if req.tools and req.tool_choice in ("any", "tool"):
+            forced = next((t for t in req.tools if t.name == req.tool_name), req.tools[0])
+        if forced is not None:
+            payload = json.dumps(sim_tool_input(forced.input_schema))
+            size = max(1, -(-len(payload) // 4))  # four pieces or so
+            pieces = [payload[i : i + size] for i in range(0, len(payload), size)]
+            await _sleep_until(deadline(0), precise())
+            yield ToolStart(id="toolu_sim" + f"{rng.getrandbits(64):016x}", name=forced.name)
+            for i, piece in enumerate(pieces):
+                if i:
+                    await _sleep_until(deadline(i), precise())
+                if after is not None and i == after:
+                    self._raise(with_)
+                self.metrics.tokens_generated += 1
+                yield ToolInput(partial_json=piece)
+            if after is not None and after >= len(pieces):
+                self._raise(with_)
+            yield Finished(stop_reason="tool_use", output_tokens=len(pieces))
+            return
+
+        n = min(opts.reply_tokens, req.max_tokens)
+        for i in range(n):
+            await _sleep_until(deadline(i), precise())
+            if after is not None and i == after:
+                self._raise(with_)
+            word = _WORDS[rng.randrange(len(_WORDS))]
+            text = word.capitalize() if i == 0 and not req.prefill else " " + word
+            self.metrics.tokens_generated += 1
+            yield TextPiece(text=text + ("." if i == n - 1 else ""))
+        if after is not None and after >= n:
+            self._raise(with_)
+        reason = "max_tokens" if opts.reply_tokens > req.max_tokens else "end_turn"
+        yield Finished(stop_reason=reason, output_tokens=n)
