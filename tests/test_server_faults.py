@@ -1,6 +1,6 @@
 """Upstream faults injected through the sim engine's server-wide flags: the chat API
 answers with an error event then a done event, and the stored history stays
-well-formed (note 1 of labkit.server.app: a failed turn stores nothing)."""
+well-formed (note 1 of labkit.server.service: a failed turn stores nothing)."""
 
 from __future__ import annotations
 
