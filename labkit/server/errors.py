@@ -61,7 +61,11 @@ _RETRY = "Resend the message; if it keeps failing, check the server log."
 #: Domain error class → (HTTP status, error type, hint used when the error has none).
 STATUS: dict[type[LabkitError], tuple[int, str, str]] = {
     InvalidSessionIdError: (400, "invalid_session_id", 'Use an id the server returned, or "new".'),
-    SessionNotFoundError: (404, "session_not_found", 'List sessions with GET /sessions, or use "new".'),
+    SessionNotFoundError: (
+        404,
+        "session_not_found",
+        'List sessions with GET /sessions, or use "new".',
+    ),
     SessionBusyError: (409, "session_busy", "Wait for the current reply to finish, then resend."),
     ContextBudgetError: (413, "context_budget_exceeded", "Shorten the message."),
     InvalidMessageError: (422, "invalid_message", "Send the message as non-empty text."),
@@ -118,7 +122,9 @@ def from_validation(exc: RequestValidationError) -> HTTPError:
     for e in errors:
         if e.get("type") == "json_invalid":
             msg = f"The body is not valid JSON: {e.get('msg', '')}".rstrip(": ")
-            return HTTPError(400, "invalid_json", msg, 'Send a JSON object such as {"message": "Hello"}.')
+            return HTTPError(
+                400, "invalid_json", msg, 'Send a JSON object such as {"message": "Hello"}.'
+            )
     parts = []
     whole_body = not errors  # the body itself is wrong (not an object), not one field
     for e in errors[:5]:

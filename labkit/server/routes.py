@@ -106,7 +106,9 @@ async def list_sessions(service: Service) -> dict[str, Any]:
     return {"sessions": await service.list_sessions()}
 
 
-@router.get("/sessions/{session_id}/history", responses=ERROR_RESPONSES, summary="A session's history")
+@router.get(
+    "/sessions/{session_id}/history", responses=ERROR_RESPONSES, summary="A session's history"
+)
 async def history(session_id: str, service: Service) -> dict[str, Any]:
     return await service.history(session_id)
 

@@ -111,7 +111,11 @@ def _busy(session_id: str) -> HTTPError:
 
 
 def _usage(reply: upstream.Reply) -> dict[str, int]:
-    return {"input": reply.input_tokens, "output": reply.output_tokens, "cached": reply.cached_tokens}
+    return {
+        "input": reply.input_tokens,
+        "output": reply.output_tokens,
+        "cached": reply.cached_tokens,
+    }
 
 
 class ChatService:
