@@ -45,7 +45,7 @@ DOMAIN = [
 ]
 
 
-@pytest.mark.parametrize(("exc", "status", "error"), DOMAIN, ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize(("exc", "status", "error"), DOMAIN, ids=[e for *_, e in DOMAIN])
 def test_each_domain_error_has_its_status_type_message_and_a_hint(exc, status, error):
     http = http_error(exc)
     assert (http.status, http.error, http.message) == (status, error, exc.message)
@@ -97,7 +97,7 @@ UPSTREAM = [
 ]
 
 
-@pytest.mark.parametrize(("sdk_exc", "status", "error"), UPSTREAM, ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(("sdk_exc", "status", "error"), UPSTREAM, ids=[e for *_, e in UPSTREAM])
 def test_each_upstream_failure_kind_keeps_its_status_and_hint(sdk_exc, status, error):
     exc = upstream.translate(sdk_exc)
     http = http_error(exc)
