@@ -307,7 +307,8 @@ def translate(exc: BaseException) -> UpstreamError:
     if kind is not None:
         name, http, hint = _KINDS[kind]
         msg = detail or getattr(exc, "message", None) or str(exc)
-        where = f" ({status})" if status else ""
+        # An error event inside a streamed 200 response carries the stream's status.
+        where = f" ({status})" if status and status >= 400 else " mid-stream" if status else ""
         return UpstreamError(
             f"The model API failed{where}: {kind}: {msg}",
             hint=hint,

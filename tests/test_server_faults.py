@@ -1,6 +1,6 @@
 """Upstream faults injected through the sim engine's server-wide flags: the chat API
 answers with an error event then a done event, and the stored history stays
-well-formed (note 1 of labkit.server.app: a failed turn stores nothing)."""
+well-formed (note 1 of labkit.server.service: a failed turn stores nothing)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ FAULTS = {
     "error-before-first-byte": {"fail_before": "api_error"},
     "rate-limit": {"fail_before": "rate_limit_error"},
     "error-after-1-delta": {"fail_after": 1, "fail_with": "api_error"},
-    "error-after-50-deltas": {"fail_after": 50, "fail_with": "overloaded_error", "reply_tokens": 80},
+    "error-after-50-deltas": {
+        "fail_after": 50,
+        "fail_with": "overloaded_error",
+        "reply_tokens": 80,
+    },
     "dropped-after-5-deltas": {"fail_after": 5, "fail_with": "disconnect"},
     "random-40%": {"fail_rate": 0.4, "fail_after": 2, "fail_with": "api_error", "seed": 3},
 }
@@ -41,8 +45,10 @@ def fault_servers(sim_api, tmp_path_factory):
         )
         for name, flags in FAULTS.items()
     }
-    chats = {name: ChatServer(store_url=store, provider="local", base_url="", max_retries=0)
-             for name in [*FAULTS, "good"]}
+    chats = {
+        name: ChatServer(store_url=store, provider="local", base_url="", max_retries=0)
+        for name in [*FAULTS, "good"]
+    }
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda api: api.start(), sims.values()))
         for name, chat in chats.items():
@@ -66,7 +72,9 @@ def fault_servers(sim_api, tmp_path_factory):
         ("dropped-after-5-deltas", "connection_error", 5),
     ],
 )
-def test_upstream_fault_yields_error_then_done_and_stores_nothing(fault_servers, fault, error, deltas):
+def test_upstream_fault_yields_error_then_done_and_stores_nothing(
+    fault_servers, fault, error, deltas
+):
     good, bad = fault_servers["chats"]["good"], fault_servers["chats"][fault]
     with ChatClient(good.url) as g, ChatClient(bad.url) as b:
         sid = g.stream("new", "a good first turn").session_id
@@ -104,7 +112,9 @@ def test_failed_first_turn_of_a_new_session_keeps_the_session_empty_and_usable(f
         ("dropped-after-5-deltas", 502, "connection_error"),
     ],
 )
-def test_non_streaming_turn_maps_upstream_faults_to_http_status(fault_servers, fault, status, error):
+def test_non_streaming_turn_maps_upstream_faults_to_http_status(
+    fault_servers, fault, status, error
+):
     with ChatClient(fault_servers["chats"][fault].url) as c:
         with pytest.raises(ChatAPIError) as e:
             c.chat("new", "hello")

@@ -157,6 +157,14 @@ def test_status_errors_map_to_a_kind_and_a_relay_status(status, body, kind, http
         assert err.hint
 
 
+def test_an_error_event_inside_a_200_stream_is_reported_as_mid_stream_not_as_200():
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    err = upstream.translate(_status_error(anthropic, 200, body))
+    assert (err.kind, err.status) == ("overloaded", 503)
+    assert "(200)" not in err.message and "mid-stream" in err.message
+    assert "(529)" in upstream.translate(_status_error(anthropic, 529, body)).message
+
+
 def test_transport_errors_and_timeouts_are_upstream_errors_with_hints():
     request = httpx.Request("POST", "http://x")
     dropped = upstream.translate(httpx.RemoteProtocolError("peer closed", request=request))

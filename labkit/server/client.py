@@ -112,7 +112,9 @@ class ChatClient:
         turn.e2e_ms = (time.perf_counter() - t0) * 1000
         return turn
 
-    def chat(self, session_id: str, message: str, *, system_prompt: str | None = None) -> dict[str, Any]:
+    def chat(
+        self, session_id: str, message: str, *, system_prompt: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"message": message}
         if system_prompt is not None:
             body["system_prompt"] = system_prompt

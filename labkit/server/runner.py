@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 
-from .app import Settings, create_app
+from .app import create_app
+from .settings import Settings
 
 __all__ = ["ChatServer", "serve"]
 
