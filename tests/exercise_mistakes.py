@@ -1,0 +1,62 @@
+"""Known-wrong answers to the exercises: each checker must fail every one of them,
+with the feedback that names the mistake (tests/test_exercises.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# ── Lab 1: TTFT ──────────────────────────────────────────────────────────────
+
+
+def ttft_first_event(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    """Stops the clock at the first SSE event (message_start), not the first text."""
+    start = time.perf_counter()
+    with client.messages.stream(model=model, max_tokens=max_tokens, messages=messages) as stream:
+        for _event in stream:
+            return (time.perf_counter() - start) * 1000
+    raise RuntimeError("no events")
+
+
+def ttft_seconds(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    """Right moments, wrong unit."""
+    start = time.perf_counter()
+    with client.messages.stream(model=model, max_tokens=max_tokens, messages=messages) as stream:
+        for _text in stream.text_stream:
+            return time.perf_counter() - start
+    raise RuntimeError("no text")
+
+
+def ttft_whole_stream(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    """Times the whole reply."""
+    start = time.perf_counter()
+    with client.messages.stream(model=model, max_tokens=max_tokens, messages=messages) as stream:
+        for _text in stream.text_stream:
+            pass
+    return (time.perf_counter() - start) * 1000
+
+
+def ttft_after_send(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    """Starts the clock once the stream is open (the request was sent already)."""
+    with client.messages.stream(model=model, max_tokens=max_tokens, messages=messages) as stream:
+        start = time.perf_counter()
+        for _text in stream.text_stream:
+            return (time.perf_counter() - start) * 1000
+    raise RuntimeError("no text")
+
+
+# ── Lab 1: total time ────────────────────────────────────────────────────────
+
+
+def total_seconds(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    start = time.perf_counter()
+    client.messages.create(model=model, max_tokens=max_tokens, messages=messages)
+    return time.perf_counter() - start
+
+
+def total_after_call(client: Any, model: str, messages: list[dict], max_tokens: int) -> float:
+    """Starts the clock after create() returned."""
+    response = client.messages.create(model=model, max_tokens=max_tokens, messages=messages)
+    start = time.perf_counter()
+    _ = response.content[0].text
+    return (time.perf_counter() - start) * 1000
