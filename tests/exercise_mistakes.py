@@ -60,3 +60,34 @@ def total_after_call(client: Any, model: str, messages: list[dict], max_tokens: 
     start = time.perf_counter()
     _ = response.content[0].text
     return (time.perf_counter() - start) * 1000
+
+
+# ── Lab 2: sliding window ────────────────────────────────────────────────────
+
+
+def window_newest_first(messages: list[dict], max_tokens: int, min_turns: int) -> list[dict]:
+    """The course's own sliding_window: right messages, newest pair first."""
+    from labkit.history import course_sliding_window
+
+    return course_sliding_window(messages, max_tokens, min_turns)
+
+
+def window_split_pairs(messages: list[dict], max_tokens: int, min_turns: int) -> list[dict]:
+    """Message by message from the newest: may keep a reply without its question."""
+    from labkit.tokens import count_tokens
+
+    kept: list[dict] = []
+    used = 0
+    for m in reversed(messages):
+        cost = count_tokens(m["content"])
+        if kept and used + cost > max_tokens and len(kept) >= 2 * min_turns + 1:
+            break
+        kept.insert(0, m)
+        used += cost
+    return kept
+
+
+def window_ignores_budget(messages: list[dict], max_tokens: int, min_turns: int) -> list[dict]:
+    """Keeps the last min_turns + 2 pairs whatever they cost."""
+    keep = 2 * (min_turns + 2) + 1
+    return messages[-keep:]
