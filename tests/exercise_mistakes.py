@@ -91,3 +91,43 @@ def window_ignores_budget(messages: list[dict], max_tokens: int, min_turns: int)
     """Keeps the last min_turns + 2 pairs whatever they cost."""
     keep = 2 * (min_turns + 2) + 1
     return messages[-keep:]
+
+
+# ── Lab 2: ConversationManager ───────────────────────────────────────────────
+
+
+class ManagerNoHistory:
+    """Sends only the newest message: the model forgets everything."""
+
+    def __init__(self, client: Any, model: str) -> None:
+        self.client, self.model, self.history = client, model, []
+
+    def chat(self, user_message: str) -> str:
+        self.history.append({"role": "user", "content": user_message})
+        response = self.client.messages.create(
+            model=self.model, max_tokens=64, messages=[{"role": "user", "content": user_message}]
+        )
+        reply = response.content[0].text
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+    def clear(self) -> None:
+        self.history = []
+
+    @property
+    def turn_count(self) -> int:
+        return sum(1 for m in self.history if m["role"] == "user")
+
+
+class ManagerDanglingUser(ManagerNoHistory):
+    """The course's pattern: the user message is appended before the call, and stays
+    there when the call fails."""
+
+    def chat(self, user_message: str) -> str:
+        self.history.append({"role": "user", "content": user_message})
+        response = self.client.messages.create(
+            model=self.model, max_tokens=64, messages=list(self.history)
+        )
+        reply = response.content[0].text
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
