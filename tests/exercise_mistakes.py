@@ -131,3 +131,105 @@ class ManagerDanglingUser(ManagerNoHistory):
         reply = response.content[0].text
         self.history.append({"role": "assistant", "content": reply})
         return reply
+
+
+# ── Lab 3: the session store ─────────────────────────────────────────────────
+
+
+def course_store() -> tuple[Any, Any, Any]:
+    """The course's get_db/save_turn/load_history, the database path passed in (no index),
+    with a list_sessions a learner would add."""
+    import sqlite3
+    from contextlib import contextmanager
+    from datetime import datetime
+
+    @contextmanager
+    def get_db(db_path: str):
+        conn = sqlite3.connect(db_path)
+        conn.row_factory = sqlite3.Row
+        conn.execute("""
+            CREATE TABLE IF NOT EXISTS conversations (
+                id          TEXT PRIMARY KEY,
+                created_at  TEXT NOT NULL,
+                updated_at  TEXT NOT NULL,
+                system_prompt TEXT DEFAULT ''
+            )
+        """)
+        conn.execute("""
+            CREATE TABLE IF NOT EXISTS messages (
+                id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                conversation_id TEXT NOT NULL REFERENCES conversations(id),
+                role            TEXT NOT NULL,
+                content         TEXT NOT NULL,
+                created_at      TEXT NOT NULL,
+                token_count     INTEGER
+            )
+        """)
+        conn.commit()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def save_turn(db_path, conv_id, user_msg, assistant_msg, tokens=0):
+        now = datetime.utcnow().isoformat()
+        with get_db(db_path) as conn:
+            conn.execute(
+                """
+                INSERT INTO conversations (id, created_at, updated_at)
+                VALUES (?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET updated_at = ?
+                """,
+                (conv_id, now, now, now),
+            )
+            conn.executemany(
+                """
+                INSERT INTO messages (conversation_id, role, content, created_at, token_count)
+                VALUES (?, ?, ?, ?, ?)
+                """,
+                [
+                    (conv_id, "user", user_msg, now, 0),
+                    (conv_id, "assistant", assistant_msg, now, tokens),
+                ],
+            )
+            conn.commit()
+
+    def load_history(db_path, conv_id, last_n=0):
+        with get_db(db_path) as conn:
+            query = "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id"
+            rows = conn.execute(query, (conv_id,)).fetchall()
+        messages = [{"role": r["role"], "content": r["content"]} for r in rows]
+        return messages[-last_n * 2 :] if last_n else messages
+
+    def list_sessions(db_path):
+        with get_db(db_path) as conn:
+            rows = conn.execute("SELECT id, updated_at FROM conversations").fetchall()
+        return [(r["id"], r["updated_at"]) for r in rows]
+
+    return save_turn, load_history, list_sessions
+
+
+def save_turn_half(db_path: str, conv_id: str, user_msg: str, assistant_msg: str, tokens: int = 0):
+    """Commits the user message before inserting the reply: a failure leaves half a turn."""
+    from datetime import UTC, datetime
+
+    from solutions.lab3 import get_db
+
+    now = datetime.now(UTC).isoformat()
+    with get_db(db_path) as conn:
+        conn.execute(
+            "INSERT INTO conversations (id, created_at, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at",
+            (conv_id, now, now),
+        )
+        conn.execute(
+            "INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?, 'user', ?, ?)",
+            (conv_id, user_msg, now),
+        )
+        conn.commit()
+        conn.execute(
+            "INSERT INTO messages (conversation_id, role, content, created_at, token_count) "
+            "VALUES (?, 'assistant', ?, ?, ?)",
+            (conv_id, assistant_msg, now, tokens),
+        )
+        conn.commit()
