@@ -23,12 +23,20 @@ Unfinished code (``NotImplementedError``, ``...``, ``None``) gives a result that
 
 from __future__ import annotations
 
+from .chat_api import check_chat_api
+from .context import check_sliding_window
+from .conversation import check_conversation
 from .result import CheckResult, Finding
+from .store import check_session_store
 from .timing import check_total_time, check_ttft
 
 __all__ = [
     "CheckResult",
     "Finding",
+    "check_chat_api",
+    "check_conversation",
+    "check_session_store",
+    "check_sliding_window",
     "check_total_time",
     "check_ttft",
 ]
