@@ -686,7 +686,7 @@ class _Checker:
             self.r.skip(req, "no session to delete (see the new-session requirement)")
             return
         sid = made[0]
-        status, body = _get_json(self.base, f"/sessions/{sid}", "DELETE")
+        status, _ = _get_json(self.base, f"/sessions/{sid}", "DELETE")
         after, body2 = _get_json(self.base, f"/sessions/{sid}/history")
         gone = after == 404 or (after == 200 and not _messages_of(body2))
         if 200 <= status < 300 and gone:
