@@ -14,11 +14,14 @@ Notes:
    ``ttft − gap``; starting the clock once the stream is open (after the request was
    sent and its headers came back) measures ``gap``; timing the whole stream measures
    ``ttft + (n − 1) · itl``; returning seconds gives a number a thousand times smaller.
-   Gaps are drawn so that these never fall in each other's tolerance.
+   Gaps are drawn so that these stay apart (note 2).
 2. Tolerance. A correct measurement is never below the truth (the client's clock starts
    before the server's and stops after it) by more than a few ms, and is above it by
-   client overhead: connecting, building the request, parsing. The window is
-   ``[truth − 5 ms, truth + max(40 ms, 15 %)]``.
+   client overhead: connecting, building the request, parsing, and, on a busy machine,
+   waiting for a core. The window is ``[truth − 5 ms, truth + max(60 ms, 25 %)]``. Every
+   mistake that measures *less* than the truth (first event, clock started late) lands
+   at least 50 ms below it, and the whole stream at least 285 ms above it, so the wide
+   upper margin admits none of them. Gaps are at least 50 ms for that reason.
 3. The checker builds the SDK client itself (the library otherwise never does): it is
    part of the instrument, pointed at the checker's own sim, with retries off.
 4. When the local API can report what it received (``LocalAPIServer.requests``), the
@@ -52,7 +55,7 @@ _LOW_MS = 5.0
 
 
 def _window(truth: float) -> tuple[float, float]:
-    return truth - _LOW_MS, truth + max(40.0, 0.15 * truth)
+    return truth - _LOW_MS, truth + max(60.0, 0.25 * truth)
 
 
 def _within(value: float, truth: float) -> bool:
@@ -240,7 +243,7 @@ def _verdict_report(
         return
     correct = [t for t in results if t.verdict == "correct"]
     slow = [t for t in results if t.verdict == "off" and (t.value or 0) > t.truth]
-    tolerance = "(tolerance −5 ms / +max(40 ms, 15 %))"
+    tolerance = "(tolerance −5 ms / +max(60 ms, 25 %))"
     if len(correct) == len(results):
         report.ok(f"{what} matches the truth", f"{table} {tolerance}")
         return
