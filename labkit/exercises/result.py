@@ -55,7 +55,7 @@ class Finding:
         return out
 
 
-@dataclass
+@dataclass(repr=False)
 class CheckResult:
     """The outcome of one checker: ``passed`` and human-readable ``feedback``."""
 
@@ -88,6 +88,9 @@ class CheckResult:
     def __str__(self) -> str:
         head = f"{self.name}: {self.verdict}" if self.name else self.verdict
         return f"{head}\n{self.feedback}" if self.feedback else head
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _repr_markdown_(self) -> str:
         lines = [f"**{html.escape(self.name)}: {self.verdict}**", ""]
