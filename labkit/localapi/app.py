@@ -24,11 +24,17 @@ Notes on deliberate choices:
 6. A non-streaming request is watched for a client disconnect every 100 ms while the
    engine works (uvicorn does not cancel a handler whose client left), so a
    cancelled ``messages.create`` frees the model as a cancelled stream does.
+7. The app remembers the last :data:`REQUEST_LOG_SIZE` JSON request bodies it read (a
+   ring buffer: older ones drop out; a body over :data:`REQUEST_LOG_MAX_BODY` bytes is
+   kept without its content) and reports them at ``GET /v1/labkit/requests``, so a test
+   or an exercise checker can see exactly what a client sent, e.g. whether turn *n*
+   carried the turns before it. Only this process's memory holds them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -57,7 +63,18 @@ from .metrics import Metrics
 from .sim import parse_sim_header
 from .wire import error_headers, error_status
 
-__all__ = ["MAX_BODY_BYTES", "accepts_model", "create_app"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "REQUEST_LOG_MAX_BODY",
+    "REQUEST_LOG_SIZE",
+    "accepts_model",
+    "create_app",
+]
+
+#: Request bodies kept for ``GET /v1/labkit/requests`` (note 7).
+REQUEST_LOG_SIZE = 64
+#: Larger bodies are logged without their content (note 7).
+REQUEST_LOG_MAX_BODY = 1024 * 1024
 
 #: Largest request body accepted (the Messages API's limit); larger gets 413.
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -120,9 +137,12 @@ def _drop_response() -> Response:
     return StreamingResponse(body(), media_type="application/json")
 
 
-def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
-    """The ASGI app serving ``engine``."""
+def create_app(
+    engine: Engine, metrics: Metrics | None = None, *, request_log: int = REQUEST_LOG_SIZE
+) -> Any:
+    """The ASGI app serving ``engine``; it keeps the last ``request_log`` bodies (note 7)."""
     metrics = metrics or getattr(engine, "metrics", None) or Metrics()
+    received: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(0, request_log))
     api = FastAPI(
         title="labkit local API",
         description="Anthropic Messages and OpenAI Chat Completions wire formats over a local engine.",
@@ -171,11 +191,25 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
                 "request_too_large", f"Request exceeds the maximum size of {MAX_BODY_BYTES} bytes."
             )
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except ValueError as exc:
             raise EngineError(
                 "invalid_request_error", f"The request body is not valid JSON: {exc}"
             ) from None
+        if received.maxlen:
+            received.append(
+                {
+                    "method": request.method,
+                    "path": request.url.path,
+                    "received_at": time.time(),
+                    "headers": {
+                        k: v for k, v in request.headers.items() if k.startswith("x-labkit-")
+                    },
+                    "body": body if len(raw) <= REQUEST_LOG_MAX_BODY else None,
+                    "body_bytes": len(raw),
+                }
+            )
+        return body
 
     def request_options(request: Request) -> dict[str, Any]:
         sim = parse_sim_header(request.headers.get("x-labkit-sim")) if engine.name == "sim" else {}
@@ -320,6 +354,14 @@ def create_app(engine: Engine, metrics: Metrics | None = None) -> Any:
     @api.get("/metrics")
     async def get_metrics() -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/labkit/requests")
+    async def received_requests(limit: int = 0) -> dict[str, Any]:
+        """The request bodies received last, oldest first; ``limit`` keeps the newest n (note 7)."""
+        entries = list(received)
+        if limit > 0:
+            entries = entries[-limit:]
+        return {"requests": entries, "capacity": received.maxlen}
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:

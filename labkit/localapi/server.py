@@ -217,6 +217,18 @@ class LocalAPIServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def requests(self, limit: int = 0) -> list[dict[str, Any]]:
+        """The request bodies the API received last, oldest first (``GET /v1/labkit/requests``).
+
+        Each entry has ``method``, ``path``, ``received_at`` (epoch seconds), ``headers``
+        (the ``x-labkit-*`` ones), ``body`` (the parsed JSON; None above 1 MB) and
+        ``body_bytes``. ``limit`` keeps only the newest ``limit`` entries.
+        """
+        params = {"limit": limit} if limit else None
+        resp = httpx.get(self.base_url + "/v1/labkit/requests", params=params, timeout=10.0)
+        resp.raise_for_status()
+        return list(resp.json()["requests"])
+
     def metrics(self) -> dict[str, float]:
         """``/metrics`` parsed: ``{"labkit_streams_cancelled_total": 1.0, ...}``."""
         text = httpx.get(self.base_url + "/metrics", timeout=5.0).text

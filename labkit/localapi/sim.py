@@ -16,6 +16,12 @@ Notes on deliberate choices:
    once and appears as a flag, a header key and a ``LocalAPIServer`` keyword.
 3. Its token counts are cl100k tokens of the ChatML rendering: the sim has no model of
    its own, and counts only need to be stable and plausible.
+4. ``first_text_gap_ms`` holds :class:`Started` — and with it the response headers and
+   the first SSE event (``message_start``, OpenAI's role-only chunk) — until
+   ``ttft_ms - first_text_gap_ms`` after arrival, so the gap between the first event and
+   the first text is known. A client that times the first event, or starts its clock once
+   the stream is open, then measures a number different from the TTFT by a known amount
+   (``labkit.exercises.check_ttft`` relies on it). Unset, the first event leaves at once.
 """
 
 from __future__ import annotations
@@ -96,6 +102,15 @@ class SimOptions:
         0.0,
         "Apply the fault to this share (0..1) of requests only (overloaded_error before any byte if no fault is set).",
     )
+    first_text_gap_ms: float | None = _option(
+        None,
+        "Hold the response and its first event until this long before the first text delta "
+        "(note 4); none sends them at once.",
+    )
+    context_window: int = _option(
+        CONTEXT_WINDOW,
+        "Context window the engine enforces, in tokens (a server option: not per request).",
+    )
 
     def merged(self, overrides: dict[str, str]) -> SimOptions:
         """These options with per-request ``overrides`` applied (validated)."""
@@ -104,6 +119,12 @@ class SimOptions:
         types = {f.name: f.type for f in fields(self)}
         changes: dict[str, Any] = {}
         for key, raw in overrides.items():
+            if key in _SERVER_ONLY:
+                raise EngineError(
+                    "invalid_request_error",
+                    f"x-labkit-sim: {key} is a server option (--{key.replace('_', '-')}), "
+                    "not a per-request one.",
+                )
             if key not in types:
                 raise EngineError(
                     "invalid_request_error",
@@ -140,10 +161,18 @@ class SimOptions:
             fail("fail_rate must be between 0 and 1.")
         if self.fail_after is not None and self.fail_after < 0:
             fail("fail_after must be >= 0.")
+        if self.first_text_gap_ms is not None and self.first_text_gap_ms < 0:
+            fail("first_text_gap_ms must be >= 0.")
+        if self.context_window < 1:
+            fail("context_window must be >= 1.")
         for name in ("fail_before", "fail_with"):
             value = getattr(self, name)
             if value is not None and value != "disconnect" and value not in ERROR_TYPES:
                 fail(f"{name}={value!r}: use one of {', '.join(ERROR_TYPES)} or 'disconnect'.")
+
+
+#: Options that apply to the whole server (the app checks the window before the engine runs).
+_SERVER_ONLY = ("context_window",)
 
 
 def _convert(type_name: Any, raw: str) -> Any:
@@ -239,7 +268,6 @@ class SimEngine:
     """Deterministic text at a requested latency, with injectable faults."""
 
     name = "sim"
-    context_window = CONTEXT_WINDOW
 
     def __init__(
         self, options: SimOptions | None = None, *, metrics: Metrics | None = None
@@ -251,6 +279,11 @@ class SimEngine:
         from ..tokens import get_encoding
 
         self._enc = get_encoding("cl100k_base")
+
+    @property
+    def context_window(self) -> int:
+        """The window the app enforces (``SimOptions.context_window``)."""
+        return self.options.context_window
 
     def count_tokens(self, req: GenerationRequest) -> int:
         """cl100k tokens of the ChatML rendering (note 3)."""
@@ -278,6 +311,9 @@ class SimEngine:
         before, after, with_ = self._fault(opts)
         if before is not None:
             self._raise(before)
+        if opts.first_text_gap_ms is not None:  # note 4
+            hold = max(0.0, opts.ttft_ms - opts.first_text_gap_ms) / 1000
+            await _sleep_until(req.t0 + hold, self.metrics.active_streams <= _PRECISE_MAX_STREAMS)
         yield Started(input_tokens=self.count_tokens(req))
         last_user = req.messages[-1].text if req.messages else ""
         rng = random.Random(opts.seed * 1_000_003 + zlib.crc32(last_user.encode()))
