@@ -43,7 +43,8 @@ _EPILOG = """\
 Per request, the sim engine reads the header
   x-labkit-sim: ttft_ms=300;itl_ms=15;fail_after=5;fail_with=api_error
 (the keys are the sim flags' names), and both engines read x-labkit-cache: off.
-GET /health, GET /v1/models, GET /metrics (Prometheus text)."""
+GET /health, GET /v1/models, GET /metrics (Prometheus text), GET /v1/labkit/requests
+(the last 64 request bodies received, for tests and exercise checkers)."""
 
 _MAX_PORT = 65535
 
