@@ -38,6 +38,11 @@ LAYERS: dict[str, Rule] = {
     "labkit/localapi": Rule(only_labkit=frozenset({"labkit.errors", "labkit.tokens", "labkit.localapi"})),
     "labkit/errors.py": Rule(only_labkit=frozenset({"labkit.errors"})),
     "labkit/tokens.py": Rule(only_labkit=frozenset({"labkit.errors", "labkit.tokens"})),
+    # Checkers run the learner's code against the local API and SQLite; never the edges.
+    "labkit/exercises": Rule(forbid=frozenset({
+        "labkit.providers", "labkit.server", "labkit.chat", "labkit.cli", "labkit.bench",
+        "labkit.services", "labkit.widgets", "labkit.labs",
+    })),
 }  # fmt: skip
 
 
