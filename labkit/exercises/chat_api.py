@@ -326,7 +326,8 @@ class _Server:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                return f"it exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                why = _last_exception(self.log_text()) or self.log_tail(600)
+                return f"it exited with code {self.proc.returncode}: {why}"
             try:
                 httpx.get(self.base + "/", timeout=1.0)
                 return None
@@ -487,7 +488,11 @@ class _Checker:
         assert self.server is not None
         problem = self.server.start(self.quick)
         if problem:
-            self.r.fail("the server starts", problem, _GUIDE)
+            self.r.fail(
+                "the server starts",
+                problem,
+                "Run the command yourself in a terminal to see the whole error. " + _GUIDE,
+            )
             return
         if not self._framing_and_session():
             return
