@@ -9,6 +9,23 @@ from collections.abc import Iterator
 
 import pytest
 
+# ── hypothesis: reproducible by default ───────────────────────────────────────
+# A red run must mean a real defect, not an unlucky draw: the "repro" profile derives
+# every example from the test itself (derandomize) and keeps no example database, so
+# each run, on any machine, tries the same inputs. HYPOTHESIS_PROFILE=explore draws
+# fresh random examples, for hunting new failures by hand.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("repro", derandomize=True, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=_quiet)  # fmt: skip
+    settings.register_profile("explore", derandomize=False, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=_quiet)  # fmt: skip
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repro"))
+except ImportError:  # hypothesis is a dev extra; tests that use it import it themselves
+    pass
+
 # ── Redis: a real server, never a fake ────────────────────────────────────────
 
 
@@ -26,16 +43,80 @@ def redis_url() -> Iterator[str]:
 
 
 # ── local API fixtures (labkit.localapi) ──────────────────────────────────────
-# (owned by the local API area)
+# One factory starts sim-engine local APIs; the named fixtures below are its common
+# option sets (helpers.ZERO_LATENCY, CHAT_SIM, SLOW_SIM). Tests that need other options
+# call sim_factory(**options) and share the server with any test asking the same.
+
+
+class SimPool:
+    """Running sim-engine ``LocalAPIServer``s, one per distinct set of options, kept for
+    the whole session (each start pays a child process and the SDK imports)."""
+
+    def __init__(self) -> None:
+        self._running: dict[tuple, object] = {}
+
+    @staticmethod
+    def _key(options: dict) -> tuple:
+        return tuple(sorted(options.items()))
+
+    def __call__(self, **options: object) -> object:
+        """The running sim with exactly these options (started on first use)."""
+        return self.many(options)[0]
+
+    def many(self, *option_sets: dict) -> list:
+        """Several sims at once; the missing ones start in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from labkit.localapi import LocalAPIServer
+
+        missing = {self._key(o): o for o in option_sets if self._key(o) not in self._running}
+        new = {key: LocalAPIServer("sim", **opts) for key, opts in missing.items()}
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda api: api.start(), new.values()))
+        finally:  # whatever started is stopped at the end, even if another failed
+            self._running.update({k: api for k, api in new.items() if api.proc is not None})
+        return [self._running[self._key(o)] for o in option_sets]
+
+    def stop_all(self) -> None:
+        for api in self._running.values():
+            api.stop()  # type: ignore[attr-defined]
+        self._running.clear()
 
 
 @pytest.fixture(scope="session")
-def sim_api() -> Iterator[object]:
-    """A LocalAPIServer on the sim engine with zero latency (override per request with x-labkit-sim)."""
-    from labkit.localapi import LocalAPIServer
+def sim_factory() -> Iterator[SimPool]:
+    """``sim_factory(**options)`` → a running sim local API with those options, shared by
+    every test that asks for the same options; all are stopped at the end of the session."""
+    pool = SimPool()
+    yield pool
+    pool.stop_all()
 
-    with LocalAPIServer("sim", ttft_ms=0, itl_ms=0) as server:
-        yield server
+
+@pytest.fixture(scope="session")
+def sim_api(sim_factory: SimPool) -> object:
+    """The sim with zero latency: tests set their ground truth per request with the
+    ``x-labkit-sim`` header (helpers.sim_header)."""
+    from helpers import ZERO_LATENCY
+
+    return sim_factory(**ZERO_LATENCY)
+
+
+@pytest.fixture(scope="session")
+def chat_sim(sim_factory: SimPool) -> object:
+    """The chat-server tests' upstream: 12-delta replies, a few ms each (helpers.CHAT_SIM)."""
+    from helpers import CHAT_SIM
+
+    return sim_factory(**CHAT_SIM)
+
+
+@pytest.fixture(scope="session")
+def slow_sim(sim_factory: SimPool) -> object:
+    """A sim whose replies take 2.4 s (helpers.SLOW_SIM): for Ctrl+C, disconnects and
+    concurrent requests."""
+    from helpers import SLOW_SIM
+
+    return sim_factory(**SLOW_SIM)
 
 
 @pytest.fixture(scope="session")
@@ -96,20 +177,6 @@ def store(store_url: str):
     st.close()
 
 
-# ── timing fixtures (labkit.timing) ───────────────────────────────────────────
-# (owned by the timing area)
-
-
-@pytest.fixture(scope="session")
-def timing_sim_server() -> Iterator[object]:
-    """One sim-engine local API for the timing tests (zero latency by default; each test
-    sets its ground truth per request with the ``x-labkit-sim`` header)."""
-    from labkit.localapi import LocalAPIServer
-
-    with LocalAPIServer(engine="sim", ttft_ms=0, itl_ms=0, reply_tokens=20, seed=1) as server:
-        yield server
-
-
 # ── history fixtures (labkit.history) ─────────────────────────────────────────
 # (owned by the history area)
 
@@ -133,49 +200,6 @@ def sim_clients(sim_api: object) -> object:
 
 # ── chat server fixtures (labkit.server) ──────────────────────────────────────
 # (owned by the server area)
-
-
-SIM_DEFAULTS = {"ttft_ms": 5, "itl_ms": 1, "reply_tokens": 12, "seed": 7}
-
-
-@pytest.fixture(scope="session")
-def chat_sim():
-    """One sim-engine local API with the chat server tests' default options, shared."""
-    from labkit.localapi import LocalAPIServer
-
-    with LocalAPIServer(engine="sim", **SIM_DEFAULTS) as api:
-        yield api
-
-
-@pytest.fixture(scope="session")
-def slow_sim():
-    """A shared sim whose replies take a while (60 tokens x 30 ms): for disconnects and
-    concurrent requests."""
-    from labkit.localapi import LocalAPIServer
-
-    with LocalAPIServer(engine="sim", **{**SIM_DEFAULTS, "itl_ms": 30, "reply_tokens": 60}) as api:
-        yield api
-
-
-@pytest.fixture
-def make_sim(chat_sim):
-    """Start sim-engine local APIs (``make_sim(itl_ms=50, fail_after=3, ...)``); all
-    are stopped at teardown. Returns the started ``LocalAPIServer``."""
-    from labkit.localapi import LocalAPIServer
-
-    started = []
-
-    def make(**opts):
-        if not opts:
-            return chat_sim
-        api = LocalAPIServer(engine="sim", **{**SIM_DEFAULTS, **opts})
-        api.start()
-        started.append(api)
-        return api
-
-    yield make
-    for api in started:
-        api.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ Playwright (never ``playwright install``: no browser is downloaded)."""
 from __future__ import annotations
 
 import pytest
+from helpers import CHAT_SIM
 
 pytestmark = pytest.mark.browser
 
@@ -24,9 +25,9 @@ def _tokens_in(page, index: int) -> int:
     return int(meta.split("tokens in ")[1].split(" ")[0])
 
 
-def test_page_streams_replies_sends_context_and_resumes_after_reload(page, make_sim, make_chat):
+def test_page_streams_replies_sends_context_and_resumes_after_reload(page, sim_factory, make_chat):
     # A slow sim (40 ms between deltas) so the page is seen mid-stream.
-    slow = make_sim(itl_ms=40, reply_tokens=25)
+    slow = sim_factory(**{**CHAT_SIM, "itl_ms": 40, "reply_tokens": 25})
     server = make_chat(slow, max_message_chars=1000)
     pg = page
     pg.goto(server.url + "/")

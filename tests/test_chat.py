@@ -7,29 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from helpers import wait_for
 
 from labkit.errors import SessionNotFoundError
 from labkit.services import ChatProcess
 from labkit.store import open_store
-
-
-@pytest.fixture(scope="module")
-def fast_sim():
-    from labkit.localapi import LocalAPIServer
-
-    with LocalAPIServer(engine="sim", ttft_ms=2, itl_ms=0, reply_tokens=8, seed=3) as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def slow_sim():
-    from labkit.localapi import LocalAPIServer
-
-    with LocalAPIServer(engine="sim", ttft_ms=20, itl_ms=40, reply_tokens=60, seed=3) as api:
-        yield api
 
 
 def _env() -> dict[str, str]:
@@ -58,9 +42,9 @@ def live(url: str, api, *args: str) -> ChatProcess:
                        env={k: "" for k in os.environ if k.startswith("LABKIT_")})  # fmt: skip
 
 
-def test_new_session_prints_its_id_and_saves_every_turn(tmp_path, fast_sim):
+def test_new_session_prints_its_id_and_saves_every_turn(tmp_path, chat_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    res = chat(url, fast_sim, "--system", "Be brief.", stdin="Hello, I am Ada.\nWhat is my name?\n")
+    res = chat(url, chat_sim, "--system", "Be brief.", stdin="Hello, I am Ada.\nWhat is my name?\n")
     assert res.returncode == 0, res.stderr
     sid = _session_id(res.stdout)
     assert f"session {sid} (new)" in res.stdout
@@ -74,11 +58,11 @@ def test_new_session_prints_its_id_and_saves_every_turn(tmp_path, fast_sim):
     assert f"labkit chat --session {sid}" in res.stdout
 
 
-def test_resume_sends_the_full_stored_context(tmp_path, fast_sim):
+def test_resume_sends_the_full_stored_context(tmp_path, chat_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    first = chat(url, fast_sim, stdin="My name is Ada.\nI write Python.\n")
+    first = chat(url, chat_sim, stdin="My name is Ada.\nI write Python.\n")
     sid = _session_id(first.stdout)
-    again = chat(url, fast_sim, "--session", sid, stdin="What is my name?\n")
+    again = chat(url, chat_sim, "--session", sid, stdin="What is my name?\n")
     assert again.returncode == 0, again.stderr
     assert f"session {sid} (resumed, 2 turns)" in again.stdout
     with open_store(url) as store:
@@ -88,28 +72,28 @@ def test_resume_sends_the_full_stored_context(tmp_path, fast_sim):
     assert turns[2].input_tokens > turns[1].input_tokens > turns[0].input_tokens
 
 
-def test_empty_new_session_is_not_kept_and_eof_ends_cleanly(tmp_path, fast_sim):
+def test_empty_new_session_is_not_kept_and_eof_ends_cleanly(tmp_path, chat_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    res = chat(url, fast_sim, stdin="")
+    res = chat(url, chat_sim, stdin="")
     assert res.returncode == 0, res.stderr
     assert "not kept" in res.stdout
     with open_store(url) as store:
         assert store.list_sessions() == []
 
 
-def test_unknown_session_says_so_and_how_to_list(tmp_path, fast_sim):
+def test_unknown_session_says_so_and_how_to_list(tmp_path, chat_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    res = chat(url, fast_sim, "--session", "0" * 32, stdin="hi\n")
+    res = chat(url, chat_sim, "--session", "0" * 32, stdin="hi\n")
     assert res.returncode == 2
     assert "No session with id" in res.stderr and "labkit sessions list" in res.stderr
     assert "Traceback" not in res.stderr
-    res = chat(url, fast_sim, "--session", "not-an-id", stdin="hi\n")
+    res = chat(url, chat_sim, "--session", "not-an-id", stdin="hi\n")
     assert res.returncode == 2 and "32 lowercase hex" in res.stderr
 
 
-def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, fast_sim, slow_sim):
+def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, chat_sim, slow_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    sid = _session_id(chat(url, fast_sim, stdin="First question.\n").stdout)
+    sid = _session_id(chat(url, chat_sim, stdin="First question.\n").stdout)
     with live(url, slow_sim, "--session", sid) as proc:
         proc.wait_for(lambda o: "you> " in o)
         proc.send("Tell me a long story.")
@@ -128,9 +112,9 @@ def test_ctrl_c_mid_reply_cancels_without_saving_a_partial_turn(tmp_path, fast_s
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
-def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, fast_sim, slow_sim):
+def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, chat_sim, slow_sim):
     url = f"sqlite:///{tmp_path}/c.db"
-    sid = _session_id(chat(url, fast_sim, stdin="Remember the word mango.\n").stdout)
+    sid = _session_id(chat(url, chat_sim, stdin="Remember the word mango.\n").stdout)
     with live(url, slow_sim, "--session", sid) as proc:
         proc.wait_for(lambda o: "you> " in o)
         proc.send("Now write a long poem.")
@@ -138,7 +122,7 @@ def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, fast_sim, sl
         assert proc.kill() == -signal.SIGKILL
     with open_store(url) as store:
         assert store.get_session(sid).turn_count == 1
-    res = chat(url, fast_sim, "--session", sid, stdin="Which word?\n")
+    res = chat(url, chat_sim, "--session", sid, stdin="Which word?\n")
     assert res.returncode == 0, res.stderr
     with open_store(url) as store:
         turns = store.load_turns(sid)
@@ -146,10 +130,10 @@ def test_killed_mid_reply_leaves_no_half_turn_and_resumes(tmp_path, fast_sim, sl
     assert turns[1].input_tokens > turns[0].input_tokens
 
 
-def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
+def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, chat_sim):
     url = f"sqlite:///{tmp_path}/c.db"
     lines = "".join(f"Fact number {i}: the code word is w{i}.\n" for i in range(22))
-    res = chat(url, fast_sim, "--summarise", stdin=lines, timeout=240)
+    res = chat(url, chat_sim, "--summarise", stdin=lines, timeout=240)
     assert res.returncode == 0, res.stderr
     sid = _session_id(res.stdout)
     with open_store(url) as store:
@@ -161,7 +145,7 @@ def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
     assert turns[20].input_tokens < turns[19].input_tokens
     assert turns[20].meta.get("dropped_turns") == 10
     assert all(t.meta.get("dropped_turns", 0) == 0 for t in turns[:20])
-    again = chat(url, fast_sim, "--summarise", "--session", sid, stdin="And now?\n")
+    again = chat(url, chat_sim, "--summarise", "--session", sid, stdin="And now?\n")
     assert again.returncode == 0, again.stderr
     assert "summary of turns 1-10 loaded" in again.stdout
     with open_store(url) as store:
@@ -172,21 +156,22 @@ def test_summarise_folds_past_20_turns_persists_and_reloads(tmp_path, fast_sim):
 
 
 @pytest.mark.redis
-def test_redis_store_saves_resumes_and_expires_after_ttl(redis_store_url, fast_sim):
+def test_redis_store_saves_resumes_and_expires_after_ttl(redis_store_url, chat_sim):
     url = redis_store_url
-    first = chat(url, fast_sim, "--ttl", "60", stdin="My name is Ada.\n")
+    first = chat(url, chat_sim, "--ttl", "60", stdin="My name is Ada.\n")
     assert first.returncode == 0, first.stderr
     sid = _session_id(first.stdout)
-    again = chat(url, fast_sim, "--session", sid, "--ttl", "60", stdin="What is my name?\n")
+    again = chat(url, chat_sim, "--session", sid, "--ttl", "60", stdin="What is my name?\n")
     assert again.returncode == 0, again.stderr
     assert f"session {sid} (resumed, 1 turns)" in again.stdout
     with open_store(url, ttl=60) as store:
         assert [t.user for t in store.load_turns(sid)] == ["My name is Ada.", "What is my name?"]
         assert 50 < store.ttl_remaining(sid) <= 60
-    short = chat(url, fast_sim, "--ttl", "1", stdin="Forget me soon.\n")
+    short = chat(url, chat_sim, "--ttl", "1", stdin="Forget me soon.\n")
     gone = _session_id(short.stdout)
-    time.sleep(2.5)
-    with open_store(url) as store, pytest.raises(SessionNotFoundError):
-        store.get_session(gone)
-    res = chat(url, fast_sim, "--session", gone, stdin="hello?\n")
+    with open_store(url) as store:
+        assert wait_for(lambda: not store.exists(gone)), "the 1 s TTL never expired"
+        with pytest.raises(SessionNotFoundError):
+            store.get_session(gone)
+    res = chat(url, chat_sim, "--session", gone, stdin="hello?\n")
     assert res.returncode != 0 and "labkit sessions list" in (res.stdout + res.stderr)

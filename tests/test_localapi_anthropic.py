@@ -10,27 +10,19 @@ import time
 import anthropic
 import httpx
 import pytest
+from helpers import USER, anthropic_sdk, sim_header
 
 from labkit.localapi import MODEL_ID
 
-USER = [{"role": "user", "content": "Say hello."}]
-
-
-def sdk(api) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=api.base_url, api_key="test", max_retries=0)
-
-
-def sim(**opts) -> dict:
-    return {"x-labkit-sim": ";".join(f"{k}={v}" for k, v in opts.items())}
 
 
 # ── sim engine ────────────────────────────────────────────────────────────────
 
 
 def test_stream_text_matches_final_message_and_usage(sim_api):
-    client = sdk(sim_api)
+    client = anthropic_sdk(sim_api)
     with client.messages.stream(
-        model=MODEL_ID, max_tokens=50, messages=USER, extra_headers=sim(reply_tokens=7)
+        model=MODEL_ID, max_tokens=50, messages=USER, extra_headers=sim_header(reply_tokens=7)
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -42,9 +34,9 @@ def test_stream_text_matches_final_message_and_usage(sim_api):
 
 
 def test_stream_event_order_is_the_real_sequence(sim_api):
-    client = sdk(sim_api)
+    client = anthropic_sdk(sim_api)
     events = client.messages.create(
-        model=MODEL_ID, max_tokens=50, messages=USER, stream=True, extra_headers=sim(reply_tokens=3)
+        model=MODEL_ID, max_tokens=50, messages=USER, stream=True, extra_headers=sim_header(reply_tokens=3)
     )
     kinds = [e.type for e in events]
     assert kinds == [
@@ -62,7 +54,7 @@ def test_stream_event_order_is_the_real_sequence(sim_api):
 def test_raw_stream_has_event_names_ping_and_null_stop_reason(sim_api):
     body = {"model": MODEL_ID, "max_tokens": 5, "messages": USER, "stream": True}
     with httpx.stream(
-        "POST", sim_api.base_url + "/v1/messages", json=body, headers=sim(reply_tokens=2)
+        "POST", sim_api.base_url + "/v1/messages", json=body, headers=sim_header(reply_tokens=2)
     ) as r:
         raw = r.read().decode()
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -80,8 +72,8 @@ def test_raw_stream_has_event_names_ping_and_null_stop_reason(sim_api):
 
 
 def test_create_returns_a_message(sim_api):
-    msg = sdk(sim_api).messages.create(
-        model=MODEL_ID, max_tokens=4, messages=USER, extra_headers=sim(reply_tokens=10)
+    msg = anthropic_sdk(sim_api).messages.create(
+        model=MODEL_ID, max_tokens=4, messages=USER, extra_headers=sim_header(reply_tokens=10)
     )
     assert msg.type == "message" and msg.role == "assistant"
     assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 4
@@ -89,7 +81,7 @@ def test_create_returns_a_message(sim_api):
 
 
 def test_count_tokens_equals_message_start_input_tokens(sim_api):
-    client = sdk(sim_api)
+    client = anthropic_sdk(sim_api)
     kwargs = {"model": MODEL_ID, "system": "Be brief.", "messages": USER}
     counted = client.messages.count_tokens(**kwargs).input_tokens
     msg = client.messages.create(max_tokens=2, **kwargs)
@@ -110,7 +102,7 @@ def test_forced_tool_use_streams_json_pieces_parsed_by_final_message(sim_api):
             "required": ["city", "unit", "days"],
         },
     }
-    with sdk(sim_api).messages.stream(
+    with anthropic_sdk(sim_api).messages.stream(
         model=MODEL_ID, max_tokens=100, messages=USER, tools=[tool], tool_choice={"type": "any"}
     ) as stream:
         pieces = [
@@ -148,7 +140,7 @@ def test_named_tool_choice_calls_that_tool(sim_api):
             },
         },
     ]
-    msg = sdk(sim_api).messages.create(
+    msg = anthropic_sdk(sim_api).messages.create(
         model=MODEL_ID,
         max_tokens=50,
         messages=USER,
@@ -171,7 +163,7 @@ def test_named_tool_choice_calls_that_tool(sim_api):
 def test_invalid_requests_get_400_that_says_what_is_wrong(sim_api, kwargs, needle):
     args = {"model": MODEL_ID, "max_tokens": 5, "messages": USER, **kwargs}
     with pytest.raises(anthropic.BadRequestError) as info:
-        sdk(sim_api).messages.create(**args)
+        anthropic_sdk(sim_api).messages.create(**args)
     assert info.value.body["error"]["type"] == "invalid_request_error"
     assert needle in info.value.body["error"]["message"]
 
@@ -187,33 +179,34 @@ def test_missing_max_tokens_gets_400(sim_api):
 
 def test_unknown_model_is_not_found(sim_api):
     with pytest.raises(anthropic.NotFoundError) as info:
-        sdk(sim_api).messages.create(model="no-such-model", max_tokens=5, messages=USER)
+        anthropic_sdk(sim_api).messages.create(model="no-such-model", max_tokens=5, messages=USER)
     assert info.value.body["error"]["type"] == "not_found_error"
 
 
 def test_prompt_over_the_context_window_is_a_bad_request(sim_api):
     long = [{"role": "user", "content": "word " * 9000}]
     with pytest.raises(anthropic.BadRequestError, match="prompt is too long"):
-        sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=long)
+        anthropic_sdk(sim_api).messages.create(model=MODEL_ID, max_tokens=5, messages=long)
     with pytest.raises(anthropic.BadRequestError, match="exceed context limit"):
-        sdk(sim_api).messages.create(
+        anthropic_sdk(sim_api).messages.create(
             model=MODEL_ID, max_tokens=8000, messages=[{"role": "user", "content": "word " * 500}]
         )
 
 
 def test_models_list_serves_the_local_model(sim_api):
-    ids = [m.id for m in sdk(sim_api).models.list()]
+    ids = [m.id for m in anthropic_sdk(sim_api).models.list()]
     assert ids == [MODEL_ID]
 
 
 def test_paid_model_ids_are_accepted_as_aliases(sim_api):
-    msg = sdk(sim_api).messages.create(model="claude-haiku-4-5", max_tokens=3, messages=USER)
+    msg = anthropic_sdk(sim_api).messages.create(model="claude-haiku-4-5", max_tokens=3, messages=USER)
     assert msg.model == "claude-haiku-4-5"
 
 
 def test_sim_ttft_is_accurate(sim_api):
-    """First text delta at the requested TTFT (wide tolerance: shared 2-core machine)."""
-    client = sdk(sim_api)
+    """First text delta at the requested TTFT: never early; late by at most a wide margin
+    (a shared 2-core machine; benchmarks/timing_accuracy.py measures the real error)."""
+    client = anthropic_sdk(sim_api)
     client.messages.create(model=MODEL_ID, max_tokens=2, messages=USER)  # warm the connection
     measured = []
     for _ in range(5):
@@ -222,29 +215,32 @@ def test_sim_ttft_is_accurate(sim_api):
             model=MODEL_ID,
             max_tokens=5,
             messages=USER,
-            extra_headers=sim(ttft_ms=150, itl_ms=5, reply_tokens=3),
+            extra_headers=sim_header(ttft_ms=150, itl_ms=5, reply_tokens=3),
         ) as stream:
             for _text in stream.text_stream:
                 measured.append(time.perf_counter() - t0)
                 break
     median_ms = statistics.median(measured) * 1000
-    assert 150 <= median_ms <= 150 + 25, median_ms
+    assert 150 <= median_ms <= 150 + 100, measured
 
 
 def test_sim_itl_spaces_the_deltas(sim_api):
-    client = sdk(sim_api)
+    """Deltas 40 ms apart as seen by the client: a median gap near 40 ms, never near 0
+    (deltas sent in one burst) nor near 80 ms (the gap counted twice); wide bounds for a
+    shared machine."""
+    client = anthropic_sdk(sim_api)
     stamps = []
     with client.messages.stream(
         model=MODEL_ID,
         max_tokens=50,
         messages=USER,
-        extra_headers=sim(ttft_ms=0, itl_ms=40, reply_tokens=6),
+        extra_headers=sim_header(ttft_ms=0, itl_ms=40, reply_tokens=6),
     ) as stream:
         for _ in stream.text_stream:
             stamps.append(time.perf_counter())
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert len(gaps) == 5
-    assert 0.035 <= statistics.median(gaps) <= 0.060
+    assert 0.030 <= statistics.median(gaps) <= 0.075, gaps
 
 
 # ── llama engine ──────────────────────────────────────────────────────────────
@@ -252,7 +248,7 @@ def test_sim_itl_spaces_the_deltas(sim_api):
 
 @pytest.mark.llama
 def test_llama_stream_text_usage_and_stop_reason(llama_api):
-    client = sdk(llama_api)
+    client = anthropic_sdk(llama_api)
     with client.messages.stream(
         model=MODEL_ID,
         max_tokens=16,
@@ -275,7 +271,7 @@ def test_llama_stream_text_usage_and_stop_reason(llama_api):
 
 @pytest.mark.llama
 def test_llama_temperature_zero_is_deterministic_and_prefix_cache_is_reported(llama_api):
-    client = sdk(llama_api)
+    client = anthropic_sdk(llama_api)
     kwargs = {
         "model": MODEL_ID,
         "max_tokens": 12,
@@ -294,7 +290,7 @@ def test_llama_temperature_zero_is_deterministic_and_prefix_cache_is_reported(ll
 
 @pytest.mark.llama
 def test_llama_prefill_continues_the_assistant_text(llama_api):
-    msg = sdk(llama_api).messages.create(
+    msg = anthropic_sdk(llama_api).messages.create(
         model=MODEL_ID,
         max_tokens=8,
         extra_body={"temperature": 0},
@@ -308,7 +304,7 @@ def test_llama_prefill_continues_the_assistant_text(llama_api):
 
 @pytest.mark.llama
 def test_llama_stop_sequence_ends_the_reply(llama_api):
-    msg = sdk(llama_api).messages.create(
+    msg = anthropic_sdk(llama_api).messages.create(
         model=MODEL_ID,
         max_tokens=32,
         extra_body={"temperature": 0},
@@ -323,7 +319,7 @@ def test_llama_stop_sequence_ends_the_reply(llama_api):
 
 @pytest.mark.llama
 def test_llama_fixed_seed_repeats_at_nonzero_temperature(llama_api):
-    client = sdk(llama_api)
+    client = anthropic_sdk(llama_api)
     kwargs = {
         "model": MODEL_ID,
         "max_tokens": 12,
@@ -335,14 +331,14 @@ def test_llama_fixed_seed_repeats_at_nonzero_temperature(llama_api):
 
 
 def test_sim_text_is_deterministic_per_seed_and_prompt(sim_api):
-    client = sdk(sim_api)
+    client = anthropic_sdk(sim_api)
 
     def text(seed: int, prompt: str = "Say hello.") -> str:
         msg = client.messages.create(
             model=MODEL_ID,
             max_tokens=50,
             messages=[{"role": "user", "content": prompt}],
-            extra_headers=sim(seed=seed, reply_tokens=12),
+            extra_headers=sim_header(seed=seed, reply_tokens=12),
         )
         return msg.content[0].text
 
@@ -355,7 +351,7 @@ def test_sim_text_is_deterministic_per_seed_and_prompt(sim_api):
 def test_llama_serves_concurrent_requests_one_at_a_time_in_order(llama_api):
     import threading
 
-    client = sdk(llama_api)
+    client = anthropic_sdk(llama_api)
     marks: dict[str, float] = {}
 
     def run(name: str, delay: float) -> None:

@@ -11,10 +11,9 @@ from contextlib import contextmanager
 
 import anthropic
 import pytest
+from helpers import USER
 
 from labkit.localapi import MODEL_ID
-
-USER = [{"role": "user", "content": "Say hello."}]
 
 
 @contextmanager

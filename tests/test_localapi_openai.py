@@ -7,28 +7,20 @@ import json
 import httpx
 import openai
 import pytest
+from helpers import USER, openai_sdk, sim_header
 
 from labkit.localapi import MODEL_ID
 
-USER = [{"role": "user", "content": "Say hello."}]
-
-
-def sdk(api) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api.openai_base_url, api_key="test", max_retries=0)
-
-
-def sim(**opts) -> dict:
-    return {"x-labkit-sim": ";".join(f"{k}={v}" for k, v in opts.items())}
 
 
 def test_stream_role_chunk_first_then_content_then_usage(sim_api):
     chunks = list(
-        sdk(sim_api).chat.completions.create(
+        openai_sdk(sim_api).chat.completions.create(
             model=MODEL_ID,
             messages=USER,
             stream=True,
             stream_options={"include_usage": True},
-            extra_headers=sim(reply_tokens=5),
+            extra_headers=sim_header(reply_tokens=5),
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -42,8 +34,8 @@ def test_stream_role_chunk_first_then_content_then_usage(sim_api):
 
 def test_stream_without_include_usage_has_no_usage_chunk(sim_api):
     chunks = list(
-        sdk(sim_api).chat.completions.create(
-            model=MODEL_ID, messages=USER, stream=True, extra_headers=sim(reply_tokens=2)
+        openai_sdk(sim_api).chat.completions.create(
+            model=MODEL_ID, messages=USER, stream=True, extra_headers=sim_header(reply_tokens=2)
         )
     )
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
@@ -52,7 +44,7 @@ def test_stream_without_include_usage_has_no_usage_chunk(sim_api):
 def test_raw_stream_ends_with_done(sim_api):
     body = {"model": MODEL_ID, "messages": USER, "stream": True}
     r = httpx.post(
-        sim_api.openai_base_url + "/chat/completions", json=body, headers=sim(reply_tokens=2)
+        sim_api.openai_base_url + "/chat/completions", json=body, headers=sim_header(reply_tokens=2)
     )
     lines = [ln for ln in r.text.splitlines() if ln.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
@@ -60,12 +52,12 @@ def test_raw_stream_ends_with_done(sim_api):
 
 
 def test_stream_helper_gives_final_completion(sim_api):
-    with sdk(sim_api).chat.completions.stream(
+    with openai_sdk(sim_api).chat.completions.stream(
         model=MODEL_ID,
         messages=USER,
         max_tokens=50,
         stream_options={"include_usage": True},
-        extra_headers=sim(reply_tokens=4),
+        extra_headers=sim_header(reply_tokens=4),
     ) as stream:
         deltas = [e.delta for e in stream if e.type == "content.delta"]
         final = stream.get_final_completion()
@@ -76,8 +68,8 @@ def test_stream_helper_gives_final_completion(sim_api):
 def test_stream_helper_raises_length_error_at_max_tokens(sim_api):
     with (
         pytest.raises(openai.LengthFinishReasonError),
-        sdk(sim_api).chat.completions.stream(
-            model=MODEL_ID, messages=USER, max_tokens=3, extra_headers=sim(reply_tokens=10)
+        openai_sdk(sim_api).chat.completions.stream(
+            model=MODEL_ID, messages=USER, max_tokens=3, extra_headers=sim_header(reply_tokens=10)
         ) as stream,
     ):
         for _ in stream:
@@ -86,11 +78,11 @@ def test_stream_helper_raises_length_error_at_max_tokens(sim_api):
 
 
 def test_create_non_streaming(sim_api):
-    done = sdk(sim_api).chat.completions.create(
+    done = openai_sdk(sim_api).chat.completions.create(
         model=MODEL_ID,
         messages=[{"role": "system", "content": "Be brief."}, *USER],
         max_tokens=3,
-        extra_headers=sim(reply_tokens=10),
+        extra_headers=sim_header(reply_tokens=10),
     )
     assert done.object == "chat.completion" and done.choices[0].finish_reason == "length"
     assert (
@@ -113,7 +105,7 @@ def test_required_tool_choice_streams_tool_call_deltas(sim_api):
             },
         }
     ]
-    with sdk(sim_api).chat.completions.stream(
+    with openai_sdk(sim_api).chat.completions.stream(
         model=MODEL_ID, messages=USER, tools=tools, tool_choice="required"
     ) as stream:
         pieces = [e for e in stream if e.type == "tool_calls.function.arguments.delta"]
@@ -129,13 +121,13 @@ def test_required_tool_choice_streams_tool_call_deltas(sim_api):
 
 def test_unknown_model_is_not_found(sim_api):
     with pytest.raises(openai.NotFoundError) as info:
-        sdk(sim_api).chat.completions.create(model="nope", messages=USER)
+        openai_sdk(sim_api).chat.completions.create(model="nope", messages=USER)
     assert info.value.code == "model_not_found"
 
 
 def test_context_overflow_is_a_bad_request(sim_api):
     with pytest.raises(openai.BadRequestError) as info:
-        sdk(sim_api).chat.completions.create(
+        openai_sdk(sim_api).chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": "word " * 9000}]
         )
     assert info.value.code == "context_length_exceeded"
@@ -143,32 +135,32 @@ def test_context_overflow_is_a_bad_request(sim_api):
 
 def test_unknown_role_and_empty_messages_are_bad_requests(sim_api):
     with pytest.raises(openai.BadRequestError, match="role"):
-        sdk(sim_api).chat.completions.create(
+        openai_sdk(sim_api).chat.completions.create(
             model=MODEL_ID, messages=[{"role": "robot", "content": "x"}]
         )
     with pytest.raises(openai.BadRequestError, match="at least one"):
-        sdk(sim_api).chat.completions.create(model=MODEL_ID, messages=[])
+        openai_sdk(sim_api).chat.completions.create(model=MODEL_ID, messages=[])
 
 
 def test_rate_limit_and_overload_map_to_sdk_errors(sim_api):
     with pytest.raises(openai.RateLimitError):
-        sdk(sim_api).chat.completions.create(
-            model=MODEL_ID, messages=USER, extra_headers=sim(fail_before="rate_limit_error")
+        openai_sdk(sim_api).chat.completions.create(
+            model=MODEL_ID, messages=USER, extra_headers=sim_header(fail_before="rate_limit_error")
         )
     with pytest.raises(openai.InternalServerError):
-        sdk(sim_api).chat.completions.create(
-            model=MODEL_ID, messages=USER, extra_headers=sim(fail_before="overloaded_error")
+        openai_sdk(sim_api).chat.completions.create(
+            model=MODEL_ID, messages=USER, extra_headers=sim_header(fail_before="overloaded_error")
         )
 
 
 def test_mid_stream_error_surfaces_as_api_error(sim_api):
     got = []
     with pytest.raises(openai.APIError, match="Overloaded"):
-        for chunk in sdk(sim_api).chat.completions.create(
+        for chunk in openai_sdk(sim_api).chat.completions.create(
             model=MODEL_ID,
             messages=USER,
             stream=True,
-            extra_headers=sim(reply_tokens=10, fail_after=2, fail_with="overloaded_error"),
+            extra_headers=sim_header(reply_tokens=10, fail_after=2, fail_with="overloaded_error"),
         ):
             if chunk.choices and chunk.choices[0].delta.content:
                 got.append(chunk.choices[0].delta.content)
@@ -176,12 +168,12 @@ def test_mid_stream_error_surfaces_as_api_error(sim_api):
 
 
 def test_models_list(sim_api):
-    assert [m.id for m in sdk(sim_api).models.list()] == [MODEL_ID]
+    assert [m.id for m in openai_sdk(sim_api).models.list()] == [MODEL_ID]
 
 
 @pytest.mark.llama
 def test_llama_stream_with_usage_and_cached_tokens(llama_api):
-    client = sdk(llama_api)
+    client = openai_sdk(llama_api)
     kwargs = {
         "model": MODEL_ID,
         "max_tokens": 12,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -36,12 +37,38 @@ def test_ci_runs_make_test():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def _help_page(*args: str) -> str:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    return subprocess.run(
+        [sys.executable, "-m", "labkit.cli", *args, "--help"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+
+
+def _commands_listed(help_page: str) -> set[str]:
+    """The names in the Commands panel of a Typer help page (one per row; a wrapped
+    description continues on rows that start with spaces, not with a name)."""
+    panel = help_page.split("Commands", 1)[1]
+    return {m.group(1) for m in re.finditer(r"^[│|] (\S+)  ", panel, flags=re.MULTILINE)}
+
+
 def test_cli_help_lists_every_command():
-    out = subprocess.run(
-        [sys.executable, "-m", "labkit.cli", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    for command in ("labs",):
-        assert command in out
+    """Every command registered on the Typer app (and in each command group) is listed
+    by its --help, and the documented commands are registered."""
+    import click
+    import typer
+
+    from labkit.cli import app
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, click.Group)
+    registered = {name for name, cmd in root.commands.items() if not cmd.hidden}
+    assert {"labs", "local-api", "ttft", "chat", "sessions", "serve"} <= registered
+    assert _commands_listed(_help_page()) == registered
+    for name, group in root.commands.items():
+        if isinstance(group, click.Group):
+            sub = {n for n, cmd in group.commands.items() if not cmd.hidden}
+            assert sub and _commands_listed(_help_page(name)) == sub, name
 
 
 def test_public_api_names_exist():

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from helpers import USER
 
 from labkit.errors import ConfigurationError, UpstreamError
 from labkit.localapi import MODEL_ID
 from labkit.providers import DEFAULT_MODELS, client, score_candidates
-
-USER = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture

@@ -9,14 +9,15 @@ import time
 
 import httpx
 import pytest
+from helpers import CHAT_SIM, wait_for
 
 from labkit.server.client import ChatAPIError, ChatClient
 
 # ── the wire format ──────────────────────────────────────────────────────────
 
 
-def test_new_session_streams_session_id_text_then_done(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_new_session_streams_session_id_text_then_done(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         turn = c.stream("new", "Hello there")
     first, *middle, last = turn.events
@@ -32,17 +33,17 @@ def test_new_session_streams_session_id_text_then_done(make_sim, make_chat):
     assert turn.headers["x-accel-buffering"] == "no"
 
 
-def test_client_times_the_first_text_and_the_whole_stream(make_sim, make_chat):
-    server = make_chat(make_sim(ttft_ms=80, itl_ms=10, reply_tokens=5))
+def test_client_times_the_first_text_and_the_whole_stream(sim_factory, make_chat):
+    server = make_chat(sim_factory(**{**CHAT_SIM, "ttft_ms": 80, "itl_ms": 10, "reply_tokens": 5}))
     with ChatClient(server.url) as c:
         turn = c.stream("new", "Hello there")
     assert 80 <= turn.ttft_ms < turn.e2e_ms  # the sim sends its first delta at 80 ms
     assert turn.e2e_ms >= 80 + 4 * 10
 
 
-def test_course_httpx_consumer_reads_the_stream(make_sim, make_chat):
+def test_course_httpx_consumer_reads_the_stream(chat_sim, make_chat):
     """The course's consumer, verbatim but for the URL, prints the streamed reply."""
-    server = make_chat(make_sim())
+    server = make_chat(chat_sim)
     printed: list[str] = []
 
     async def consume_stream(message: str):
@@ -62,8 +63,8 @@ def test_course_httpx_consumer_reads_the_stream(make_sim, make_chat):
     assert len(printed) == 12 and "".join(printed).strip()
 
 
-def test_stored_reply_equals_streamed_text(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_stored_reply_equals_streamed_text(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         turn = c.stream("new", "Say something", system_prompt="Be brief.")
         hist = c.history(turn.session_id)
@@ -74,16 +75,16 @@ def test_stored_reply_equals_streamed_text(make_sim, make_chat):
     ]
 
 
-def test_system_prompt_is_taken_on_the_first_message_only(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_system_prompt_is_taken_on_the_first_message_only(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         sid = c.stream("new", "one", system_prompt="First.").session_id
         c.stream(sid, "two", system_prompt="Ignored.")
         assert c.history(sid)["system_prompt"] == "First."
 
 
-def test_non_streaming_chat_returns_reply_and_turn_count(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_non_streaming_chat_returns_reply_and_turn_count(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         first = c.chat("new", "Hello")
         second = c.chat(first["session_id"], "Again")
@@ -94,8 +95,8 @@ def test_non_streaming_chat_returns_reply_and_turn_count(make_sim, make_chat):
     assert second["usage"]["input"] > first["usage"]["input"]
 
 
-def test_sessions_list_stats_and_delete(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_sessions_list_stats_and_delete(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         sid = c.stream("new", "Hello").session_id
         c.stream(sid, "More")
@@ -116,8 +117,8 @@ def test_sessions_list_stats_and_delete(make_sim, make_chat):
         assert e.value.status == 404
 
 
-def test_page_and_openapi_are_served(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_page_and_openapi_are_served(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "getReader" in page.text and "localStorage" in page.text
     spec = httpx.get(server.url + "/openapi.json").json()
@@ -130,8 +131,8 @@ def test_page_and_openapi_are_served(make_sim, make_chat):
 # ── the course's "Test it" list ──────────────────────────────────────────────
 
 
-def test_ten_turns_survive_a_restart_and_continue_with_context(make_sim, make_chat):
-    server = make_chat(make_sim())
+def test_ten_turns_survive_a_restart_and_continue_with_context(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     with ChatClient(server.url) as c:
         sid = c.stream("new", "Turn 1: my name is Ada.").session_id
         inputs = []
@@ -152,8 +153,8 @@ def test_ten_turns_survive_a_restart_and_continue_with_context(make_sim, make_ch
     assert after["messages"][0]["content"] == "Turn 1: my name is Ada."
 
 
-def test_twenty_turns_with_a_small_budget_stop_input_growth(make_sim, make_chat):
-    server = make_chat(make_sim(), context_budget=250, keep_turns=3)
+def test_twenty_turns_with_a_small_budget_stop_input_growth(chat_sim, make_chat):
+    server = make_chat(chat_sim, context_budget=250, keep_turns=3)
     inputs, applied = [], []
     with ChatClient(server.url) as c:
         sid = "new"
@@ -191,18 +192,16 @@ def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(
         cancelled = _metric(slow_sim, "labkit_streams_cancelled_total")
         generated = _metric(slow_sim, "labkit_tokens_generated_total")
         turn = c.stream(sid, "second, interrupted", stop_after_deltas=3)
-        t0 = time.monotonic()
         assert len(turn.deltas) == 3 and turn.done is None
-        # The upstream stream is cancelled promptly: the full reply would take 1.8 s more.
-        while _metric(slow_sim, "labkit_streams_cancelled_total") <= cancelled:
-            assert time.monotonic() - t0 < 1.5, slow_sim.metrics()
-            time.sleep(0.02)
+        # The upstream stream is cancelled, not run to its end: the sim counts a
+        # cancelled stream, and fewer than the reply's 60 deltas were generated.
+        assert wait_for(lambda: _metric(slow_sim, "labkit_streams_cancelled_total") > cancelled), slow_sim.metrics()
         assert _metric(slow_sim, "labkit_tokens_generated_total") - generated < 60
         # Rule: the partial reply is dropped; the history stays one complete turn.
         hist = f.history(sid)
         assert hist["turn_count"] == 1 and len(hist["messages"]) == 2
         # The lock is released as the cancelled response unwinds (within moments).
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while True:
             try:
                 assert f.stream(sid, "third").done["turn_count"] == 2
@@ -289,8 +288,8 @@ BAD = [
 ]
 
 
-def test_bad_input_gets_4xx_json_saying_what_is_wrong_and_stores_nothing(make_sim, make_chat):
-    server = make_chat(make_sim(), max_message_chars=200)
+def test_bad_input_gets_4xx_json_saying_what_is_wrong_and_stores_nothing(chat_sim, make_chat):
+    server = make_chat(chat_sim, max_message_chars=200)
     with ChatClient(server.url) as c:
         for method, path, kwargs, status, error in BAD:
             r = c.http.request(method, path, **kwargs)
@@ -306,8 +305,8 @@ def test_bad_input_gets_4xx_json_saying_what_is_wrong_and_stores_nothing(make_si
         assert "message" in r.json()["message"]
 
 
-def test_bad_input_on_an_existing_session_leaves_it_unchanged(make_sim, make_chat):
-    server = make_chat(make_sim(), max_message_chars=200)
+def test_bad_input_on_an_existing_session_leaves_it_unchanged(chat_sim, make_chat):
+    server = make_chat(chat_sim, max_message_chars=200)
     with ChatClient(server.url) as c:
         sid = c.chat("new", "hello")["session_id"]
         before = c.history(sid)

