@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import anthropic
 import httpx
 import httpx2
@@ -11,7 +10,6 @@ import pytest
 from helpers import USER, ZERO_LATENCY, anthropic_sdk, sim_header, wait_for
 
 from labkit.localapi import MODEL_ID
-
 
 
 @pytest.mark.parametrize(

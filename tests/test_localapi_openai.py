@@ -12,7 +12,6 @@ from helpers import USER, openai_sdk, sim_header
 from labkit.localapi import MODEL_ID
 
 
-
 def test_stream_role_chunk_first_then_content_then_usage(sim_api):
     chunks = list(
         openai_sdk(sim_api).chat.completions.create(
