@@ -353,30 +353,32 @@ def test_llama_serves_concurrent_requests_one_at_a_time_in_order(llama_api):
 
     client = anthropic_sdk(llama_api)
     marks: dict[str, float] = {}
+    a_decoding = threading.Event()
 
-    def run(name: str, delay: float) -> None:
-        time.sleep(delay)
+    def run(name: str, max_tokens: int) -> None:
         with client.messages.stream(
             model=MODEL_ID,
-            max_tokens=16,
-            messages=[{"role": "user", "content": f"Count to ten, {name}."}],
+            max_tokens=max_tokens,
             extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": f"Count from one to fifty in words, {name}."}],
         ) as s:
             for _ in s.text_stream:
                 marks.setdefault(name + "_first", time.perf_counter())
-        marks[name + "_end"] = time.perf_counter()
+                marks[name + "_last"] = time.perf_counter()
+                a_decoding.set()
 
-    threads = [
-        threading.Thread(target=run, args=("a", 0.0)),
-        threading.Thread(target=run, args=("b", 0.05)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    # b arrived while a was decoding: its first token comes only after a finished
-    assert marks["a_first"] < marks["b_first"]
-    assert marks["b_first"] >= marks["a_end"] - 0.05
+    a = threading.Thread(target=run, args=("a", 48))
+    a.start()
+    assert a_decoding.wait(60)  # b is sent only once a is decoding (no head-start sleep)
+    b = threading.Thread(target=run, args=("b", 8))
+    b.start()
+    a.join()
+    b.join()
+    # b's first token comes only after a's last one. The slack (half of a's decoding
+    # time, ~0.45 s here) allows for thread scheduling between the two clients, and
+    # still fails interleaved decoding, which puts b's first token near a's first.
+    slack = (marks["a_last"] - marks["a_first"]) / 2
+    assert marks["b_first"] >= marks["a_last"] - slack, marks
 
 
 def test_llama_default_threads_leave_a_core_for_the_server_when_decoding(monkeypatch):
