@@ -14,8 +14,6 @@ from helpers import USER, anthropic_sdk, sim_header
 
 from labkit.localapi import MODEL_ID
 
-
-
 # ── sim engine ────────────────────────────────────────────────────────────────
 
 
@@ -36,7 +34,11 @@ def test_stream_text_matches_final_message_and_usage(sim_api):
 def test_stream_event_order_is_the_real_sequence(sim_api):
     client = anthropic_sdk(sim_api)
     events = client.messages.create(
-        model=MODEL_ID, max_tokens=50, messages=USER, stream=True, extra_headers=sim_header(reply_tokens=3)
+        model=MODEL_ID,
+        max_tokens=50,
+        messages=USER,
+        stream=True,
+        extra_headers=sim_header(reply_tokens=3),
     )
     kinds = [e.type for e in events]
     assert kinds == [
@@ -199,7 +201,9 @@ def test_models_list_serves_the_local_model(sim_api):
 
 
 def test_paid_model_ids_are_accepted_as_aliases(sim_api):
-    msg = anthropic_sdk(sim_api).messages.create(model="claude-haiku-4-5", max_tokens=3, messages=USER)
+    msg = anthropic_sdk(sim_api).messages.create(
+        model="claude-haiku-4-5", max_tokens=3, messages=USER
+    )
     assert msg.model == "claude-haiku-4-5"
 
 

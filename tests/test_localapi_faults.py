@@ -27,7 +27,10 @@ def test_fail_before_maps_to_the_sdk_exception(sim_api, error_type, exc_class, s
     with (
         pytest.raises(exc_class) as info,
         anthropic_sdk(sim_api).messages.stream(
-            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim_header(fail_before=error_type)
+            model=MODEL_ID,
+            max_tokens=5,
+            messages=USER,
+            extra_headers=sim_header(fail_before=error_type),
         ) as s,
     ):
         s.until_done()
@@ -104,7 +107,10 @@ def test_dropped_connection_mid_stream_is_an_error_not_a_short_reply(sim_api):
 def test_dropped_connection_non_streaming_is_a_connection_error(sim_api):
     with pytest.raises(anthropic.APIConnectionError):
         anthropic_sdk(sim_api).messages.create(
-            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim_header(fail_before="disconnect")
+            model=MODEL_ID,
+            max_tokens=5,
+            messages=USER,
+            extra_headers=sim_header(fail_before="disconnect"),
         )
 
 
@@ -127,7 +133,10 @@ def test_bad_sim_header_is_a_bad_request(sim_api):
         )
     with pytest.raises(anthropic.BadRequestError, match="fail_before"):
         anthropic_sdk(sim_api).messages.create(
-            model=MODEL_ID, max_tokens=5, messages=USER, extra_headers=sim_header(fail_before="oops")
+            model=MODEL_ID,
+            max_tokens=5,
+            messages=USER,
+            extra_headers=sim_header(fail_before="oops"),
         )
 
 

@@ -24,7 +24,9 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {r.strip() for r in pip_section if not r.startswith("-e")}
-    assert listed == wanted, f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+    assert listed == wanted, (
+        f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+    )
 
 
 def test_readme_quick_start_shows_the_two_commands_first():
@@ -79,7 +81,8 @@ def test_public_api_names_exist():
 
 def test_makefile_builds_the_llama_cpp_version_pyproject_pins():
     pinned = next(
-        r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        r
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         if _name(r) == "llama-cpp-python"
     )
     built = re.search(r"^LLAMA_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)

@@ -47,9 +47,12 @@ def test_course_httpx_consumer_reads_the_stream(chat_sim, make_chat):
     printed: list[str] = []
 
     async def consume_stream(message: str):
-        async with httpx.AsyncClient(timeout=60) as http, http.stream(
-            "POST", f"{server.url}/chat/stream/new", json={"message": message}
-        ) as response:
+        async with (
+            httpx.AsyncClient(timeout=60) as http,
+            http.stream(
+                "POST", f"{server.url}/chat/stream/new", json={"message": message}
+            ) as response,
+        ):
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -122,8 +125,13 @@ def test_page_and_openapi_are_served(chat_sim, make_chat):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "getReader" in page.text and "localStorage" in page.text
     spec = httpx.get(server.url + "/openapi.json").json()
-    for path in ("/chat/stream/{session_id}", "/chat/{session_id}", "/sessions",
-                 "/sessions/{session_id}/history", "/sessions/{session_id}/stats"):
+    for path in (
+        "/chat/stream/{session_id}",
+        "/chat/{session_id}",
+        "/sessions",
+        "/sessions/{session_id}/history",
+        "/sessions/{session_id}/stats",
+    ):
         assert path in spec["paths"]
     assert httpx.get(server.url + "/docs").status_code == 200
 
@@ -182,9 +190,7 @@ def _metric(api, name: str) -> float:
     return api.metrics().get(name, 0.0)
 
 
-def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(
-    chat_sim, slow_sim, make_chat
-):
+def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(chat_sim, slow_sim, make_chat):
     fast = make_chat(chat_sim)
     slow = make_chat(slow_sim)  # same store
     with ChatClient(fast.url) as f, ChatClient(slow.url) as c:
@@ -195,7 +201,9 @@ def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(
         assert len(turn.deltas) == 3 and turn.done is None
         # The upstream stream is cancelled, not run to its end: the sim counts a
         # cancelled stream, and fewer than the reply's 60 deltas were generated.
-        assert wait_for(lambda: _metric(slow_sim, "labkit_streams_cancelled_total") > cancelled), slow_sim.metrics()
+        assert wait_for(lambda: _metric(slow_sim, "labkit_streams_cancelled_total") > cancelled), (
+            slow_sim.metrics()
+        )
         assert _metric(slow_sim, "labkit_tokens_generated_total") - generated < 60
         # Rule: the partial reply is dropped; the history stays one complete turn.
         hist = f.history(sid)
@@ -268,13 +276,31 @@ def test_two_server_processes_sharing_redis_never_interleave(slow_sim, make_chat
 # ── bad input: 4xx JSON, nothing stored ──────────────────────────────────────
 
 BAD = [
-    ("POST", "/chat/stream/0123456789abcdef0123456789abcdef", {"json": {"message": "hi"}}, 404, "session_not_found"),
+    (
+        "POST",
+        "/chat/stream/0123456789abcdef0123456789abcdef",
+        {"json": {"message": "hi"}},
+        404,
+        "session_not_found",
+    ),
     ("POST", "/chat/stream/not-an-id", {"json": {"message": "hi"}}, 400, "invalid_session_id"),
-    ("POST", "/chat/stream/ABCDEF0123456789ABCDEF0123456789", {"json": {"message": "hi"}}, 400, "invalid_session_id"),
+    (
+        "POST",
+        "/chat/stream/ABCDEF0123456789ABCDEF0123456789",
+        {"json": {"message": "hi"}},
+        400,
+        "invalid_session_id",
+    ),
     ("POST", "/chat/stream/new", {"json": {"message": ""}}, 422, "empty_message"),
     ("POST", "/chat/stream/new", {"json": {"message": "   \n"}}, 422, "empty_message"),
     ("POST", "/chat/stream/new", {"json": {"message": "x" * 201}}, 413, "message_too_long"),
-    ("POST", "/chat/stream/new", {"content": b'{"message": "hi"', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+    (
+        "POST",
+        "/chat/stream/new",
+        {"content": b'{"message": "hi"', "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
     ("POST", "/chat/stream/new", {"json": {}}, 422, "invalid_request"),
     ("POST", "/chat/stream/new", {"json": {"message": 42}}, 422, "invalid_request"),
     ("POST", "/chat/stream/new", {"json": {"mesage": "typo"}}, 422, "invalid_request"),

@@ -42,17 +42,21 @@ def test_no_generated_request_gets_a_5xx(fuzz_server):
     seen: dict[int, int] = {}
 
     for operation in operations:
-
-        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE) | operation.as_strategy(
-            generation_mode=GenerationMode.NEGATIVE
-        )
+        strategy = operation.as_strategy(
+            generation_mode=GenerationMode.POSITIVE
+        ) | operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
 
         @given(case=strategy)
         @settings(max_examples=40)
         def check(case):
             response = case.call(base_url=fuzz_server.url, timeout=30)
             seen[response.status_code] = seen.get(response.status_code, 0) + 1
-            assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
+            assert response.status_code < 500, (
+                case.method,
+                case.formatted_path,
+                case.body,
+                response.text,
+            )
             if response.status_code >= 400:
                 body = response.json()
                 assert body["error"] and body["message"], body  # errors say what is wrong
@@ -68,7 +72,9 @@ JSON = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 WELL_FORMED = st.one_of(
@@ -78,8 +84,12 @@ WELL_FORMED = st.one_of(
 ).map(lambda value: json.dumps(value).encode())
 MALFORMED = st.one_of(
     st.binary(max_size=64),  # not JSON, often not UTF-8
-    WELL_FORMED.flatmap(lambda raw: st.integers(0, max(len(raw) - 1, 0)).map(lambda n: raw[:n])),  # cut short
-    st.sampled_from([b'{"message": NaN}', b'{"message": Infinity}', b'{"message": "hi"}{}', b"\xef\xbb\xbf{}"]),
+    WELL_FORMED.flatmap(
+        lambda raw: st.integers(0, max(len(raw) - 1, 0)).map(lambda n: raw[:n])
+    ),  # cut short
+    st.sampled_from(
+        [b'{"message": NaN}', b'{"message": Infinity}', b'{"message": "hi"}{}', b"\xef\xbb\xbf{}"]
+    ),
 )
 BODIES = st.one_of(WELL_FORMED, MALFORMED)
 
@@ -90,7 +100,9 @@ def test_arbitrary_bodies_on_a_real_session_never_5xx_and_store_only_whole_turns
     with httpx.Client(base_url=fuzz_server.url, timeout=30) as http:
         sid = http.post("/chat/new", json={"message": "hello"}).json()["session_id"]
 
-        @given(body=BODIES, path=st.sampled_from([f"/chat/{sid}", f"/chat/stream/{sid}", "/chat/new"]))
+        @given(
+            body=BODIES, path=st.sampled_from([f"/chat/{sid}", f"/chat/stream/{sid}", "/chat/new"])
+        )
         @settings(max_examples=150)
         def check(body: bytes, path: str) -> None:
             before = http.get(f"/sessions/{sid}/history").json()

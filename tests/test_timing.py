@@ -72,8 +72,14 @@ def test_summarize_ignores_missing_values():
 def _anthropic_events(words: list[str], output_tokens: int | None, cached: int = 0) -> list[object]:
     usage = Usage(input_tokens=11, output_tokens=1, cache_read_input_tokens=cached)
     msg = Message(
-        id="m", type="message", role="assistant", model=MODEL, content=[],
-        stop_reason=None, stop_sequence=None, usage=usage,
+        id="m",
+        type="message",
+        role="assistant",
+        model=MODEL,
+        content=[],
+        stop_reason=None,
+        stop_sequence=None,
+        usage=usage,
     )
     events: list[object] = [
         RawMessageStartEvent(type="message_start", message=msg),
@@ -82,13 +88,20 @@ def _anthropic_events(words: list[str], output_tokens: int | None, cached: int =
         ),
     ]
     for w in words:
-        events.append(RawContentBlockDeltaEvent(
-            type="content_block_delta", index=0, delta=TextDelta(type="text_delta", text=w)))
+        events.append(
+            RawContentBlockDeltaEvent(
+                type="content_block_delta", index=0, delta=TextDelta(type="text_delta", text=w)
+            )
+        )
     events.append(RawContentBlockStopEvent(type="content_block_stop", index=0))
     if output_tokens is not None:
-        events.append(RawMessageDeltaEvent(
-            type="message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
-            usage=MessageDeltaUsage(output_tokens=output_tokens)))
+        events.append(
+            RawMessageDeltaEvent(
+                type="message_delta",
+                delta={"stop_reason": "end_turn", "stop_sequence": None},
+                usage=MessageDeltaUsage(output_tokens=output_tokens),
+            )
+        )
     events.append(RawMessageStopEvent(type="message_stop"))
     return events
 
@@ -121,15 +134,26 @@ def test_anthropic_events_give_ttft_itl_tpot_e2e_from_timestamps():
 
 def test_openai_role_chunk_is_an_event_but_not_the_first_token():
     def chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None):
-        return ChatCompletionChunk.model_validate({
-            "id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
-            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            "usage": usage,
-        })
+        return ChatCompletionChunk.model_validate(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": MODEL,
+                "choices": []
+                if usage
+                else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                "usage": usage,
+            }
+        )
 
-    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}),
-              chunk({"content": " there"}), chunk({}, "stop"),
-              chunk({}, usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})]
+    chunks = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hi"}),
+        chunk({"content": " there"}),
+        chunk({}, "stop"),
+        chunk({}, usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}),
+    ]
     timing = _feed(chunks, 50 * MS, 5 * MS)
     assert timing.api == "openai"
     assert timing.ttfe_ms == 50.0  # the role chunk: where vLLM bench serve stops its TTFT
@@ -147,18 +171,32 @@ def test_anthropic_input_tokens_add_back_the_prompt_cache_reads():
 
 
 def test_openai_cached_tokens_are_shown_apart_within_prompt_tokens():
-    chunk = ChatCompletionChunk.model_validate({
-        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": [],
-        "usage": {"prompt_tokens": 50, "completion_tokens": 2, "total_tokens": 52,
-                  "prompt_tokens_details": {"cached_tokens": 32}},
-    })
+    chunk = ChatCompletionChunk.model_validate(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": MODEL,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 50,
+                "completion_tokens": 2,
+                "total_tokens": 52,
+                "prompt_tokens_details": {"cached_tokens": 32},
+            },
+        }
+    )
     timing = _feed([chunk], 0, MS)
     assert (timing.input_tokens, timing.cached_tokens, timing.output_tokens) == (50, 32, 2)
 
 
 def test_timed_call_counts_cache_reads_in_input_tokens():
     msg = Message(
-        id="m", type="message", role="assistant", model=MODEL, stop_reason="end_turn",
+        id="m",
+        type="message",
+        role="assistant",
+        model=MODEL,
+        stop_reason="end_turn",
         content=[TextBlock(type="text", text="hello")],
         usage=Usage(input_tokens=12, output_tokens=3, cache_read_input_tokens=164),
     )
@@ -181,8 +219,11 @@ def test_anthropic_helper_events_are_not_counted_twice():
 def test_tool_input_deltas_are_content_but_not_text():
     events = _anthropic_events([], output_tokens=3)
     events[2:2] = [
-        RawContentBlockDeltaEvent(type="content_block_delta", index=0,
-                                  delta=InputJSONDelta(type="input_json_delta", partial_json='{"a"'))
+        RawContentBlockDeltaEvent(
+            type="content_block_delta",
+            index=0,
+            delta=InputJSONDelta(type="input_json_delta", partial_json='{"a"'),
+        )
     ]
     timing = _feed(events, 10 * MS, MS)
     assert timing.ttft_ms is None and timing.first_delta_ns == 12 * MS
@@ -204,10 +245,27 @@ def test_tpot_and_itl_need_two_tokens():
 def test_row_keeps_every_raw_stamp_so_peer_definitions_can_be_recomputed():
     timing = _feed(_anthropic_events(["A", " b", " c"], output_tokens=3), 100 * MS, 10 * MS)
     row = timing.row()
-    for key in ("sent_ns", "headers_rel_ns", "first_byte_rel_ns", "first_event_rel_ns",
-                "first_text_rel_ns", "last_text_rel_ns", "end_rel_ns", "text_rel_ns",
-                "ttft_ms", "ttfb_ms", "ttfe_ms", "itl_mean_ms", "itl_p50_ms", "itl_p99_ms",
-                "tpot_ms", "e2e_ms", "output_tps", "output_tokens", "output_tokens_source"):
+    for key in (
+        "sent_ns",
+        "headers_rel_ns",
+        "first_byte_rel_ns",
+        "first_event_rel_ns",
+        "first_text_rel_ns",
+        "last_text_rel_ns",
+        "end_rel_ns",
+        "text_rel_ns",
+        "ttft_ms",
+        "ttfb_ms",
+        "ttfe_ms",
+        "itl_mean_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "tpot_ms",
+        "e2e_ms",
+        "output_tps",
+        "output_tokens",
+        "output_tokens_source",
+    ):
         assert key in row
     stamps = [int(x) for x in row["text_rel_ns"].split()]
     assert stamps == [120 * MS, 130 * MS, 140 * MS]
@@ -231,7 +289,9 @@ def clients(sim_api):
     return {
         "anthropic": instrument(anthropic.Anthropic(api_key="sim", base_url=srv.base_url)),
         "openai": instrument(openai.OpenAI(api_key="sim", base_url=srv.openai_base_url)),
-        "async_anthropic": instrument(anthropic.AsyncAnthropic(api_key="sim", base_url=srv.base_url)),
+        "async_anthropic": instrument(
+            anthropic.AsyncAnthropic(api_key="sim", base_url=srv.base_url)
+        ),
         "async_openai": instrument(openai.AsyncOpenAI(api_key="sim", base_url=srv.openai_base_url)),
     }
 
@@ -242,8 +302,15 @@ MSGS = [{"role": "user", "content": "Say something."}]
 def _check_ordered(t: StreamTiming, n_tokens: int) -> None:
     assert t.sent_source == "httpx_hook"
     assert t.status_code == 200 and t.error is None
-    order = [t.sent_ns, t.headers_ns, t.first_byte_ns, t.first_event_ns, t.first_text_ns,
-             t.last_text_ns, t.end_ns]
+    order = [
+        t.sent_ns,
+        t.headers_ns,
+        t.first_byte_ns,
+        t.first_event_ns,
+        t.first_text_ns,
+        t.last_text_ns,
+        t.end_ns,
+    ]
     assert None not in order and order == sorted(order)
     assert t.n_text_deltas == n_tokens
     assert t.output_tokens == n_tokens and t.output_tokens_source == "server_usage"
@@ -251,8 +318,11 @@ def _check_ordered(t: StreamTiming, n_tokens: int) -> None:
 
 def test_anthropic_messages_stream_text_stream_and_final_message(clients):
     client = clients["anthropic"]
-    with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                      extra_headers=sim_header(reply_tokens=8))) as stream:
+    with timed(
+        client.messages.stream(
+            model=MODEL, max_tokens=50, messages=MSGS, extra_headers=sim_header(reply_tokens=8)
+        )
+    ) as stream:
         texts = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(texts) == stream.timing.text == final.content[0].text
@@ -264,8 +334,11 @@ def test_anthropic_messages_stream_text_stream_and_final_message(clients):
 
 async def test_async_anthropic_messages_stream(clients):
     client = clients["async_anthropic"]
-    async with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                            extra_headers=sim_header(reply_tokens=6))) as stream:
+    async with timed(
+        client.messages.stream(
+            model=MODEL, max_tokens=50, messages=MSGS, extra_headers=sim_header(reply_tokens=6)
+        )
+    ) as stream:
         texts = [t async for t in stream.text_stream]
         final = await stream.get_final_message()
     assert "".join(texts) == final.content[0].text
@@ -274,10 +347,16 @@ async def test_async_anthropic_messages_stream(clients):
 
 def test_openai_create_stream_with_usage(clients):
     client = clients["openai"]
-    with timed(lambda: client.chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True,
-        stream_options={"include_usage": True}, extra_headers=sim_header(reply_tokens=7),
-    )) as stream:
+    with timed(
+        lambda: client.chat.completions.create(
+            model=MODEL,
+            max_tokens=50,
+            messages=MSGS,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=sim_header(reply_tokens=7),
+        )
+    ) as stream:
         chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 7
     _check_ordered(stream.timing, 7)
@@ -286,10 +365,15 @@ def test_openai_create_stream_with_usage(clients):
 
 def test_openai_chat_completions_stream_helper(clients):
     client = clients["openai"]
-    with timed(client.chat.completions.stream(
-        model=MODEL, max_tokens=50, messages=MSGS, stream_options={"include_usage": True},
-        extra_headers=sim_header(reply_tokens=5),
-    )) as stream:
+    with timed(
+        client.chat.completions.stream(
+            model=MODEL,
+            max_tokens=50,
+            messages=MSGS,
+            stream_options={"include_usage": True},
+            extra_headers=sim_header(reply_tokens=5),
+        )
+    ) as stream:
         events = [e.type for e in stream]
         completion = stream.get_final_completion()
     assert "content.delta" in events
@@ -299,10 +383,16 @@ def test_openai_chat_completions_stream_helper(clients):
 
 async def test_async_openai_create_stream(clients):
     client = clients["async_openai"]
-    async with timed(lambda: client.chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True,
-        stream_options={"include_usage": True}, extra_headers=sim_header(reply_tokens=4),
-    )) as stream:
+    async with timed(
+        lambda: client.chat.completions.create(
+            model=MODEL,
+            max_tokens=50,
+            messages=MSGS,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=sim_header(reply_tokens=4),
+        )
+    ) as stream:
         texts = [t async for t in stream.text_stream]
     assert len(texts) == 4
     _check_ordered(stream.timing, 4)
@@ -310,8 +400,11 @@ async def test_async_openai_create_stream(clients):
 
 def test_uninstrumented_client_falls_back_to_wrapper_stamps(sim_api):
     client = anthropic.Anthropic(api_key="sim", base_url=sim_api.base_url)
-    with timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS,
-                                      extra_headers=sim_header(reply_tokens=3))) as stream:
+    with timed(
+        client.messages.stream(
+            model=MODEL, max_tokens=50, messages=MSGS, extra_headers=sim_header(reply_tokens=3)
+        )
+    ) as stream:
         stream.until_done()
     t = stream.timing
     assert t.sent_source == "wrapper" and t.first_byte_ns is None
@@ -320,27 +413,49 @@ def test_uninstrumented_client_falls_back_to_wrapper_stamps(sim_api):
 
 def test_an_already_open_stream_is_labelled_late(clients):
     raw = clients["openai"].chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=sim_header(reply_tokens=2))
+        model=MODEL,
+        max_tokens=50,
+        messages=MSGS,
+        stream=True,
+        extra_headers=sim_header(reply_tokens=2),
+    )
     with timed(raw) as stream:
         list(stream)
     # the hooks still recover the real send time from the request itself
     assert stream.timing.sent_source == "httpx_hook"
     plain = openai.OpenAI(api_key="sim", base_url=clients["openai"].base_url)
     raw = plain.chat.completions.create(
-        model=MODEL, max_tokens=50, messages=MSGS, stream=True, extra_headers=sim_header(reply_tokens=2))
+        model=MODEL,
+        max_tokens=50,
+        messages=MSGS,
+        stream=True,
+        extra_headers=sim_header(reply_tokens=2),
+    )
     with timed(raw) as stream:
         list(stream)
     assert stream.timing.sent_source == "late"
 
 
 def test_forced_tool_use_streams_json_pieces_and_parses(clients):
-    tool = {"name": "get_weather", "description": "Weather for a city.",
-            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
-                             "required": ["city"]}}
-    with timed(clients["anthropic"].messages.stream(
-        model=MODEL, max_tokens=100, messages=MSGS, tools=[tool],
-        tool_choice={"type": "any"}, extra_headers=sim_header(itl_ms=1),
-    )) as stream:
+    tool = {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    }
+    with timed(
+        clients["anthropic"].messages.stream(
+            model=MODEL,
+            max_tokens=100,
+            messages=MSGS,
+            tools=[tool],
+            tool_choice={"type": "any"},
+            extra_headers=sim_header(itl_ms=1),
+        )
+    ) as stream:
         final = stream.get_final_message()
     pieces = [e for e in stream.timing.events if e.kind == "tool_input"]
     assert len(pieces) > 1 and stream.timing.first_delta_ns == pieces[0].t_ns
@@ -349,10 +464,17 @@ def test_forced_tool_use_streams_json_pieces_and_parses(clients):
 
 
 def test_mid_stream_error_is_raised_and_recorded(clients):
-    with pytest.raises(anthropic.APIStatusError), timed(clients["anthropic"].messages.stream(
-        model=MODEL, max_tokens=50, messages=MSGS,
-        extra_headers=sim_header(reply_tokens=10, fail_after=4, fail_with="api_error"),
-    )) as stream:
+    with (
+        pytest.raises(anthropic.APIStatusError),
+        timed(
+            clients["anthropic"].messages.stream(
+                model=MODEL,
+                max_tokens=50,
+                messages=MSGS,
+                extra_headers=sim_header(reply_tokens=10, fail_after=4, fail_with="api_error"),
+            )
+        ) as stream,
+    ):
         for _ in stream.text_stream:
             pass
     assert stream.timing.n_text_deltas == 4
@@ -360,18 +482,33 @@ def test_mid_stream_error_is_raised_and_recorded(clients):
 
 
 def test_timed_call_reads_server_usage_on_both_sdks(clients):
-    msg, t = timed_call(clients["anthropic"].messages.create, model=MODEL, max_tokens=50,
-                        messages=MSGS, extra_headers=sim_header(reply_tokens=9, ttft_ms=20))
+    msg, t = timed_call(
+        clients["anthropic"].messages.create,
+        model=MODEL,
+        max_tokens=50,
+        messages=MSGS,
+        extra_headers=sim_header(reply_tokens=9, ttft_ms=20),
+    )
     assert t.output_tokens == msg.usage.output_tokens == 9
     assert t.output_tokens_source == "server_usage" and t.e2e_ms >= 20
-    comp, t2 = timed_call(clients["openai"].chat.completions.create, model=MODEL, max_tokens=50,
-                          messages=MSGS, extra_headers=sim_header(reply_tokens=3))
+    comp, t2 = timed_call(
+        clients["openai"].chat.completions.create,
+        model=MODEL,
+        max_tokens=50,
+        messages=MSGS,
+        extra_headers=sim_header(reply_tokens=3),
+    )
     assert t2.output_tokens == comp.usage.completion_tokens == 3
 
 
 async def test_atimed_call(clients):
-    _msg, t = await atimed_call(clients["async_anthropic"].messages.create, model=MODEL,
-                               max_tokens=50, messages=MSGS, extra_headers=sim_header(reply_tokens=2))
+    _msg, t = await atimed_call(
+        clients["async_anthropic"].messages.create,
+        model=MODEL,
+        max_tokens=50,
+        messages=MSGS,
+        extra_headers=sim_header(reply_tokens=2),
+    )
     assert t.output_tokens == 2 and t.row()["e2e_ms"] == t.e2e_ms
 
 
@@ -390,10 +527,14 @@ def test_measured_ttft_and_itl_match_sim_ground_truth(clients, ttft, itl):
     client = clients["anthropic"]
     ttfts, itls = [], []
     for _ in range(5):
-        with timed(client.messages.stream(
-            model=MODEL, max_tokens=100, messages=MSGS,
-            extra_headers=sim_header(ttft_ms=ttft, itl_ms=itl, reply_tokens=20, jitter_ms=0),
-        )) as stream:
+        with timed(
+            client.messages.stream(
+                model=MODEL,
+                max_tokens=100,
+                messages=MSGS,
+                extra_headers=sim_header(ttft_ms=ttft, itl_ms=itl, reply_tokens=20, jitter_ms=0),
+            )
+        ) as stream:
             for _ in stream.text_stream:
                 pass
         ttfts.append(stream.timing.ttft_ms)

@@ -62,7 +62,9 @@ def _anthropic_expected(name: str) -> dict[str, Any]:
         "types": [e for e, _ in wire if e not in ("ping", "error")],
         "texts": [d["text"] for d in deltas if d["type"] == "text_delta"],
         "json_pieces": [d["partial_json"] for d in deltas if d["type"] == "input_json_delta"],
-        "input_tokens": next(d["message"]["usage"]["input_tokens"] for e, d in wire if e == "message_start"),
+        "input_tokens": next(
+            d["message"]["usage"]["input_tokens"] for e, d in wire if e == "message_start"
+        ),
         "output_tokens": usage[-1]["output_tokens"] if usage else None,
     }
 
@@ -74,7 +76,11 @@ def _openai_expected(name: str) -> dict[str, Any]:
     return {
         "n_chunks": len(chunks),
         "texts": [t for t in texts if t],
-        "first_text_chunk": next(i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["delta"].get("content")),
+        "first_text_chunk": next(
+            i
+            for i, c in enumerate(chunks)
+            if c["choices"] and c["choices"][0]["delta"].get("content")
+        ),
         "output_tokens": usage[-1]["completion_tokens"] if usage else None,
     }
 
@@ -112,11 +118,19 @@ def _replaying(sdk: ModuleType, name: str, *, pause_s: float = 0.0, is_async: bo
                            content=abody() if is_async else body())  # fmt: skip
 
     transport = hx.MockTransport(answer)
-    http = (sdk.DefaultAsyncHttpxClient if is_async else sdk.DefaultHttpxClient)(transport=transport)
+    http = (sdk.DefaultAsyncHttpxClient if is_async else sdk.DefaultHttpxClient)(
+        transport=transport
+    )
     if sdk is anthropic:
-        cls, base_url = (anthropic.AsyncAnthropic if is_async else anthropic.Anthropic), "http://replay.invalid"
+        cls, base_url = (
+            (anthropic.AsyncAnthropic if is_async else anthropic.Anthropic),
+            "http://replay.invalid",
+        )
     else:
-        cls, base_url = (openai.AsyncOpenAI if is_async else openai.OpenAI), "http://replay.invalid/v1"
+        cls, base_url = (
+            (openai.AsyncOpenAI if is_async else openai.OpenAI),
+            "http://replay.invalid/v1",
+        )
     return instrument(cls(api_key="replay", base_url=base_url, http_client=http, max_retries=0))
 
 
@@ -149,9 +163,10 @@ def test_anthropic_transcript_gives_its_text_usage_and_event_sequence():
 def test_anthropic_error_event_mid_stream_is_raised_and_recorded():
     want = _anthropic_expected("anthropic_error_after_2_deltas")
     client = _replaying(anthropic, "anthropic_error_after_2_deltas")
-    with pytest.raises(anthropic.APIStatusError) as info, timed(
-        client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS)
-    ) as stream:
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        timed(client.messages.stream(model=MODEL, max_tokens=50, messages=MSGS)) as stream,
+    ):
         for _ in stream.text_stream:
             pass
     assert "overloaded" in str(info.value).lower()
@@ -214,7 +229,9 @@ def test_openai_transcript_without_usage_falls_back_to_a_labelled_estimate():
     want = _openai_expected("openai_text_without_usage")
     assert want["output_tokens"] is None
     client = _replaying(openai, "openai_text_without_usage")
-    with timed(lambda: client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)) as stream:
+    with timed(
+        lambda: client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+    ) as stream:
         list(stream)
     t = stream.timing
     assert t.text == "".join(want["texts"])

@@ -22,7 +22,11 @@ USER = [{"role": "user", "content": "Say hello."}]
 TOOL = {
     "name": "get_weather",
     "description": "Weather for a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
 }
 
 # name → (path, JSON body, sim options for the x-labkit-sim header)
@@ -39,14 +43,25 @@ TRANSCRIPTS: dict[str, tuple[str, dict, dict]] = {
     ),
     "anthropic_tool_use": (
         "/v1/messages",
-        {"model": MODEL_ID, "max_tokens": 100, "messages": USER, "stream": True,
-         "tools": [TOOL], "tool_choice": {"type": "any"}},
+        {
+            "model": MODEL_ID,
+            "max_tokens": 100,
+            "messages": USER,
+            "stream": True,
+            "tools": [TOOL],
+            "tool_choice": {"type": "any"},
+        },
         {},
     ),
     "openai_text_with_usage": (
         "/v1/chat/completions",
-        {"model": MODEL_ID, "max_tokens": 50, "messages": USER, "stream": True,
-         "stream_options": {"include_usage": True}},
+        {
+            "model": MODEL_ID,
+            "max_tokens": 50,
+            "messages": USER,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         {"reply_tokens": 4},
     ),
     "openai_text_without_usage": (
