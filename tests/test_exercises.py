@@ -250,9 +250,8 @@ def test_check_chat_api_fails_a_server_that_keeps_sessions_in_memory_only_on_res
 
 
 @pytest.mark.slow
-def test_check_chat_api_on_a_base_url_checks_what_it_can_and_skips_the_rest(make_sim, make_chat):
-    api = make_sim()
-    server = make_chat(api)
+def test_check_chat_api_on_a_base_url_checks_what_it_can_and_skips_the_rest(chat_sim, make_chat):
+    server = make_chat(chat_sim)
     result = check_chat_api(server.url)
     assert result.passed, result.feedback
     skipped = [f.requirement for f in result.findings if f.status == "skip"]

@@ -9,9 +9,9 @@ import uuid
 import anthropic
 import httpx
 import pytest
+from helpers import ZERO_LATENCY
 
 from labkit.errors import ConfigurationError
-from labkit.localapi import LocalAPIServer
 from labkit.localapi.app import REQUEST_LOG_SIZE
 from labkit.localapi.sim import SimOptions
 
@@ -50,21 +50,23 @@ def test_first_text_gap_holds_the_first_event_until_the_gap_before_the_text(sim_
     headers, first_event, first_text = _times(
         sim_api, "ttft_ms=300;first_text_gap_ms=120;itl_ms=5;reply_tokens=3"
     )
-    assert 175 <= headers <= 260 and 175 <= first_event <= 260
-    assert 295 <= first_text <= 400
-    assert first_text - first_event >= 100
+    # Lower bounds are exact (nothing is early); upper ones would only measure the
+    # machine's load, so the first event is placed relative to the text instead.
+    assert headers >= 175 and first_event >= 175  # held back 180 ms, not sent at once
+    assert first_text >= 295
+    assert first_text - first_event >= 60  # ahead of the text by the 120 ms gap (half kept)
 
 
 def test_without_a_gap_the_first_event_leaves_at_once(sim_api):
-    _, first_event, first_text = _times(sim_api, "ttft_ms=250;itl_ms=5;reply_tokens=3")
-    assert first_event < 120 and first_text >= 245
+    _, first_event, first_text = _times(sim_api, "ttft_ms=400;itl_ms=5;reply_tokens=3")
+    assert first_event < 250 and first_text >= 395  # at once, not with the text (400 ms)
 
 
 def test_a_gap_larger_than_the_ttft_sends_the_first_event_at_once(sim_api):
     _, first_event, first_text = _times(
-        sim_api, "ttft_ms=150;first_text_gap_ms=500;itl_ms=5;reply_tokens=3"
+        sim_api, "ttft_ms=400;first_text_gap_ms=1000;itl_ms=5;reply_tokens=3"
     )
-    assert first_event < 100 and first_text >= 145
+    assert first_event < 250 and first_text >= 395  # at once, not with the text (400 ms)
 
 
 def test_the_context_window_is_a_server_option_not_a_per_request_one(sim_api):
@@ -77,14 +79,14 @@ def test_the_context_window_is_a_server_option_not_a_per_request_one(sim_api):
         SimOptions(context_window=0).validate()
 
 
-def test_a_wider_context_window_admits_a_long_prompt():
+def test_a_wider_context_window_admits_a_long_prompt(sim_factory):
     long = " a" * 12_000
-    with LocalAPIServer("sim", ttft_ms=0, itl_ms=0, context_window=50_000) as api:
-        reply = _client(api).messages.create(
-            model=MODEL, max_tokens=5, messages=[{"role": "user", "content": long}]
-        )
-        assert reply.usage.input_tokens > 12_000
-        assert httpx.get(api.base_url + "/health").json()["context_window"] == 50_000
+    api = sim_factory(**ZERO_LATENCY, context_window=50_000)
+    reply = _client(api).messages.create(
+        model=MODEL, max_tokens=5, messages=[{"role": "user", "content": long}]
+    )
+    assert reply.usage.input_tokens > 12_000
+    assert httpx.get(api.base_url + "/health").json()["context_window"] == 50_000
 
 
 def test_received_requests_are_recorded_newest_last_with_their_bodies(sim_api):
