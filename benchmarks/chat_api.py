@@ -94,7 +94,9 @@ def run_course_server(base_url: str) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     print(f"labkit serve: listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(course_app(base_url), access_log=False, log_level="warning", backlog=2048)
+    config = uvicorn.Config(
+        course_app(base_url), access_log=False, log_level="warning", backlog=2048
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -168,8 +170,12 @@ async def _one_stream(session: Any, url: str, body: dict[str, Any]) -> dict[str,
 
 def _target(kind: str, url: str) -> tuple[str, dict[str, Any], dict[str, str]]:
     if kind == "direct":
-        body = {"model": MODEL, "max_tokens": 2048, "stream": True,
-                "messages": [{"role": "user", "content": "Hello"}]}
+        body = {
+            "model": MODEL,
+            "max_tokens": 2048,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hello"}],
+        }
         headers = {"x-api-key": "sk-local", "anthropic-version": "2023-06-01"}
         return url + "/v1/messages", body, headers
     return url + "/chat/stream/new", {"message": "Hello"}, {}
@@ -278,56 +284,88 @@ def main() -> None:
         args.ttft_n, args.levels, args.reply_tokens = 30, "100,300", 10
     levels = [int(x) for x in args.levels.split(",")]
     tmp = tempfile.mkdtemp(prefix="labkit-bench-")
-    print(f"benchmarks/chat_api.py — {os.cpu_count()} CPUs; servers one at a time; client in its own process")
+    print(
+        f"benchmarks/chat_api.py — {os.cpu_count()} CPUs; servers one at a time; client in its own process"
+    )
 
     # 1. Added TTFT ---------------------------------------------------------------
     with (
         LocalAPIServer(engine="sim", ttft_ms=20, itl_ms=5, reply_tokens=5, seed=1) as api,
-        ChatServer(store_url=f"sqlite:///{tmp}/ttft.db", provider="local",
-                   base_url=api.base_url, max_retries=0) as lab,
+        ChatServer(
+            store_url=f"sqlite:///{tmp}/ttft.db",
+            provider="local",
+            base_url=api.base_url,
+            max_retries=0,
+        ) as lab,
         CourseServer(api.base_url) as course,
     ):
-        res = in_client_process({"mode": "ttft", "n": args.ttft_n, "targets": {
-                "direct": api.base_url, "course": course.url, "labkit": lab.url}})
+        res = in_client_process(
+            {
+                "mode": "ttft",
+                "n": args.ttft_n,
+                "targets": {"direct": api.base_url, "course": course.url, "labkit": lab.url},
+            }
+        )
     d50, d99 = _pct(res["direct"], 50), _pct(res["direct"], 99)
-    print(f"\n1. TTFT added over calling the upstream directly (sim TTFT 20 ms, n={args.ttft_n} each, interleaved)")
+    print(
+        f"\n1. TTFT added over calling the upstream directly (sim TTFT 20 ms, n={args.ttft_n} each, interleaved)"
+    )
     print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>12}{'added p99':>12}")
     for kind in ("direct", "course", "labkit"):
         p50, p99 = _pct(res[kind], 50), _pct(res[kind], 99)
         extra = f"{p50 - d50:>12.2f}{p99 - d99:>12.2f}" if kind != "direct" else ""
         print(f"{kind:10}{p50:>10.2f}{p99:>10.2f}{extra}")
     added = _pct(res["labkit"], 50) - d50
-    print(f"goal: labkit added TTFT p50 <= 3 ms -> {added:.2f} ms: {'met' if added <= 3 else 'NOT met'}")
+    print(
+        f"goal: labkit added TTFT p50 <= 3 ms -> {added:.2f} ms: {'met' if added <= 3 else 'NOT met'}"
+    )
 
     # 2. Concurrency ---------------------------------------------------------------
-    print(f"\n2. Concurrent streams, upstream ITL {UPSTREAM_ITL_MS:.0f} ms, {args.reply_tokens} tokens a reply")
-    print(f"{'streams':>8} {'server':8}{'errors':>8}{'events/s':>10}{'ITL p50':>9}{'ITL p99':>9}"
-          f"{'infl p50':>10}{'infl p99':>10}{'TTFT p50':>10}")
+    print(
+        f"\n2. Concurrent streams, upstream ITL {UPSTREAM_ITL_MS:.0f} ms, {args.reply_tokens} tokens a reply"
+    )
+    print(
+        f"{'streams':>8} {'server':8}{'errors':>8}{'events/s':>10}{'ITL p50':>9}{'ITL p99':>9}"
+        f"{'infl p50':>10}{'infl p99':>10}{'TTFT p50':>10}"
+    )
     verdicts = []
-    with LocalAPIServer(engine="sim", ttft_ms=100, itl_ms=UPSTREAM_ITL_MS,
-                        reply_tokens=args.reply_tokens, seed=1) as api:
+    with LocalAPIServer(
+        engine="sim", ttft_ms=100, itl_ms=UPSTREAM_ITL_MS, reply_tokens=args.reply_tokens, seed=1
+    ) as api:
         for n in levels:
             row = {}
             for kind in ("course", "labkit"):
                 _settle(api)
                 if kind == "course":
                     with CourseServer(api.base_url) as srv:
-                        r = in_client_process({"mode": "load", "kind": kind, "url": srv.url, "concurrency": n})
+                        r = in_client_process(
+                            {"mode": "load", "kind": kind, "url": srv.url, "concurrency": n}
+                        )
                 else:
-                    with ChatServer(store_url=f"sqlite:///{tmp}/load-{n}.db", provider="local",
-                                    base_url=api.base_url, max_retries=0) as srv:
-                        r = in_client_process({"mode": "load", "kind": kind, "url": srv.url, "concurrency": n})
+                    with ChatServer(
+                        store_url=f"sqlite:///{tmp}/load-{n}.db",
+                        provider="local",
+                        base_url=api.base_url,
+                        max_retries=0,
+                    ) as srv:
+                        r = in_client_process(
+                            {"mode": "load", "kind": kind, "url": srv.url, "concurrency": n}
+                        )
                 row[kind] = r
-                print(f"{n:>8} {kind:8}{r['errors']:>8}{r['events_per_s']:>10.0f}{r['itl_p50']:>9.1f}"
-                      f"{r['itl_p99']:>9.1f}{r['itl_p50'] - UPSTREAM_ITL_MS:>10.1f}"
-                      f"{r['itl_p99'] - UPSTREAM_ITL_MS:>10.1f}{r['ttft_p50']:>10.1f}"
-                      + (f"  {r['error_kinds']}" if r["errors"] else ""))
+                print(
+                    f"{n:>8} {kind:8}{r['errors']:>8}{r['events_per_s']:>10.0f}{r['itl_p50']:>9.1f}"
+                    f"{r['itl_p99']:>9.1f}{r['itl_p50'] - UPSTREAM_ITL_MS:>10.1f}"
+                    f"{r['itl_p99'] - UPSTREAM_ITL_MS:>10.1f}{r['ttft_p50']:>10.1f}"
+                    + (f"  {r['error_kinds']}" if r["errors"] else "")
+                )
             lab, cou = row["labkit"], row["course"]
             verdicts.append((n, lab["errors"], lab["itl_p50"] <= cou["itl_p50"] + 1.0))
     print()
     for n, errs, ok in verdicts:
-        print(f"goal at {n:>5} streams: labkit errors {errs}; ITL p50 inflation no worse than course "
-              f"(1 ms tolerance): {'met' if ok else 'NOT met'}")
+        print(
+            f"goal at {n:>5} streams: labkit errors {errs}; ITL p50 inflation no worse than course "
+            f"(1 ms tolerance): {'met' if ok else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,9 +64,15 @@ def _labkit_openai(srv: LocalAPIServer, n: int, reply: int) -> tuple[list[float]
     client = instrument(openai.OpenAI(api_key="sim", base_url=srv.openai_base_url))
     ttfts, gaps = [], []
     for _ in range(n):
-        with timed(lambda: client.chat.completions.create(
-            model=MODEL, max_tokens=reply, messages=MSGS, stream=True,
-            stream_options={"include_usage": True})) as s:
+        with timed(
+            lambda: client.chat.completions.create(
+                model=MODEL,
+                max_tokens=reply,
+                messages=MSGS,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ) as s:
             for _ in s:
                 pass
         ttfts.append(s.timing.ttft_ms)
@@ -90,24 +96,53 @@ def _bare_sdk(srv: LocalAPIServer, n: int, reply: int) -> tuple[list[float], lis
 
 
 def find_aiperf(explicit: str | None) -> str | None:
-    for cand in (explicit, os.environ.get("LABKIT_AIPERF"), shutil.which("aiperf"),
-                 str(Path(sys.executable).with_name("aiperf"))):
+    for cand in (
+        explicit,
+        os.environ.get("LABKIT_AIPERF"),
+        shutil.which("aiperf"),
+        str(Path(sys.executable).with_name("aiperf")),
+    ):
         if cand and Path(cand).exists():
             return cand
     return None
 
 
-def _aiperf(exe: str, srv: LocalAPIServer, n: int, reply: int) -> tuple[list[float], list[float], list[float]]:
+def _aiperf(
+    exe: str, srv: LocalAPIServer, n: int, reply: int
+) -> tuple[list[float], list[float], list[float]]:
     """Run AIPerf against the server; returns (ttfts, inter-chunk gaps, its ITLs)."""
     from labkit.tokens import install_offline_encodings
 
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(install_offline_encodings()),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ,
+        TIKTOKEN_CACHE_DIR=str(install_offline_encodings()),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [exe, "profile", "--model", MODEL, "--url", srv.base_url, "--endpoint-type", "chat",
-               "--streaming", "--tokenizer", "builtin", "--request-count", str(n),
-               "--concurrency", "1", "--artifact-dir", tmp, "--ui-type", "none",
-               "--output-tokens-mean", str(reply)]
+        cmd = [
+            exe,
+            "profile",
+            "--model",
+            MODEL,
+            "--url",
+            srv.base_url,
+            "--endpoint-type",
+            "chat",
+            "--streaming",
+            "--tokenizer",
+            "builtin",
+            "--request-count",
+            str(n),
+            "--concurrency",
+            "1",
+            "--artifact-dir",
+            tmp,
+            "--ui-type",
+            "none",
+            "--output-tokens-mean",
+            str(reply),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         files = list(Path(tmp).rglob("profile_export.jsonl"))
         if proc.returncode != 0 or not files:
@@ -137,14 +172,17 @@ def _fmt(x: float | None, spec: str = "+.2f") -> str:
 
 
 def accuracy(args: argparse.Namespace, aiperf: str | None) -> None:
-    print(f"\n== Accuracy vs sim ground truth ({args.requests} requests per tool, "
-          f"{args.reply} text deltas each; errors in ms, measured − truth) ==")
+    print(
+        f"\n== Accuracy vs sim ground truth ({args.requests} requests per tool, "
+        f"{args.reply} text deltas each; errors in ms, measured − truth) =="
+    )
     header = f"{'truth TTFT/ITL':>15} {'tool':<20} {'TTFT err p50':>13} {'TTFT err p90':>13} {'ITL err p50':>12} {'ITL err p99':>12}"
     print(header)
     print("-" * len(header))
     for ttft, itl in ((300, 15), (0, 0)):
-        with LocalAPIServer(engine="sim", ttft_ms=ttft, itl_ms=itl, jitter_ms=0,
-                            reply_tokens=args.reply) as srv:
+        with LocalAPIServer(
+            engine="sim", ttft_ms=ttft, itl_ms=itl, jitter_ms=0, reply_tokens=args.reply
+        ) as srv:
             _labkit_anthropic(srv, 2, args.reply)  # warm the connection and server
             tools: list[tuple[str, object]] = [
                 ("labkit (anthropic)", lambda: _labkit_anthropic(srv, args.requests, args.reply)),
@@ -155,31 +193,41 @@ def accuracy(args: argparse.Namespace, aiperf: str | None) -> None:
                 ttfts, gaps = run()  # type: ignore[operator]
                 errs = [t - ttft for t in ttfts]
                 gerrs = [g - itl for g in gaps]
-                print(f"{f'{ttft}/{itl} ms':>15} {name:<20} {_fmt(percentile(errs, 50)):>13} "
-                      f"{_fmt(percentile(errs, 90)):>13} {_fmt(percentile(gerrs, 50), '+.3f'):>12} "
-                      f"{_fmt(percentile(gerrs, 99), '+.3f'):>12}")
+                print(
+                    f"{f'{ttft}/{itl} ms':>15} {name:<20} {_fmt(percentile(errs, 50)):>13} "
+                    f"{_fmt(percentile(errs, 90)):>13} {_fmt(percentile(gerrs, 50), '+.3f'):>12} "
+                    f"{_fmt(percentile(gerrs, 99), '+.3f'):>12}"
+                )
             if aiperf:
                 try:
                     ttfts, gaps, itls = _aiperf(aiperf, srv, args.requests, args.reply)
                     errs = [t - ttft for t in ttfts]
                     gerrs = [g - itl for g in gaps]
-                    print(f"{f'{ttft}/{itl} ms':>15} {'AIPerf 0.13':<20} {_fmt(percentile(errs, 50)):>13} "
-                          f"{_fmt(percentile(errs, 90)):>13} {_fmt(percentile(gerrs, 50), '+.3f'):>12} "
-                          f"{_fmt(percentile(gerrs, 99), '+.3f'):>12}   (its own ITL, by its "
-                          f"tokenizer: p50 {_fmt(percentile(itls, 50), '.3f')} ms)")
+                    print(
+                        f"{f'{ttft}/{itl} ms':>15} {'AIPerf 0.13':<20} {_fmt(percentile(errs, 50)):>13} "
+                        f"{_fmt(percentile(errs, 90)):>13} {_fmt(percentile(gerrs, 50), '+.3f'):>12} "
+                        f"{_fmt(percentile(gerrs, 99), '+.3f'):>12}   (its own ITL, by its "
+                        f"tokenizer: p50 {_fmt(percentile(itls, 50), '.3f')} ms)"
+                    )
                 except Exception as exc:  # the peer is optional; say why it is missing
                     print(f"{f'{ttft}/{itl} ms':>15} {'AIPerf 0.13':<20} failed: {exc}")
     if not aiperf:
-        print("AIPerf: not installed — skipped. Install the optional peer tool "
-              "(`pip install aiperf==0.13.0`, ideally in its own venv) and pass --aiperf PATH "
-              "or set LABKIT_AIPERF.")
+        print(
+            "AIPerf: not installed — skipped. Install the optional peer tool "
+            "(`pip install aiperf==0.13.0`, ideally in its own venv) and pass --aiperf PATH "
+            "or set LABKIT_AIPERF."
+        )
 
 
 def overhead(args: argparse.Namespace) -> None:
     n_tokens = args.overhead_tokens
-    print(f"\n== Harness overhead (sim 0/0 ms, {n_tokens} deltas per stream, "
-          f"{args.overhead_runs} alternating runs each) ==")
-    with LocalAPIServer(engine="sim", ttft_ms=0, itl_ms=0, jitter_ms=0, reply_tokens=n_tokens) as srv:
+    print(
+        f"\n== Harness overhead (sim 0/0 ms, {n_tokens} deltas per stream, "
+        f"{args.overhead_runs} alternating runs each) =="
+    )
+    with LocalAPIServer(
+        engine="sim", ttft_ms=0, itl_ms=0, jitter_ms=0, reply_tokens=n_tokens
+    ) as srv:
         raw_client = anthropic.Anthropic(api_key="sim", base_url=srv.base_url)
         inst_client = instrument(anthropic.Anthropic(api_key="sim", base_url=srv.base_url))
         kw = {"model": MODEL, "max_tokens": n_tokens, "messages": MSGS}
@@ -204,7 +252,9 @@ def overhead(args: argparse.Namespace) -> None:
         r, w = statistics.median(raws), statistics.median(wraps)
         print(f"raw SDK text_stream        : {r:8.1f} µs per chunk (median)")
         print(f"timed(...).text_stream     : {w:8.1f} µs per chunk (median)")
-        print(f"overhead                   : {w - r:+8.1f} µs per chunk ({(w - r) / r * 100:+.1f}%)")
+        print(
+            f"overhead                   : {w - r:+8.1f} µs per chunk ({(w - r) / r * 100:+.1f}%)"
+        )
 
         # in-process: the accumulation alone, on events captured from one real stream
         with raw_client.messages.stream(**kw) as s:
@@ -216,8 +266,10 @@ def overhead(args: argparse.Namespace) -> None:
             for i, ev in enumerate(events):
                 observe_event(timing, ev, i)
         per = (time.perf_counter_ns() - t0) / (reps * len(events))
-        print(f"observe_event (in process) : {per / 1000:8.2f} µs per SDK event "
-              f"({len(events)} events incl. helper events)")
+        print(
+            f"observe_event (in process) : {per / 1000:8.2f} µs per SDK event "
+            f"({len(events)} events incl. helper events)"
+        )
 
 
 def main() -> None:
@@ -229,9 +281,11 @@ def main() -> None:
     ap.add_argument("--aiperf", default=None, help="path to the aiperf executable")
     args = ap.parse_args()
     aiperf = find_aiperf(args.aiperf)
-    print(f"labkit timing accuracy — python {sys.version.split()[0]}, anthropic {anthropic.__version__}, "
-          f"openai {openai.__version__}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}; "
-          f"AIPerf: {aiperf or 'not found'}")
+    print(
+        f"labkit timing accuracy — python {sys.version.split()[0]}, anthropic {anthropic.__version__}, "
+        f"openai {openai.__version__}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}; "
+        f"AIPerf: {aiperf or 'not found'}"
+    )
     accuracy(args, aiperf)
     overhead(args)
 

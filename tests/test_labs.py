@@ -9,18 +9,35 @@ from labkit.labs import find_notebooks, strip_metadata
 
 
 def test_strip_metadata_keeps_content_and_tags_and_drops_run_state():
-    cell = new_code_cell("print(1)", metadata={"tags": ["keep"], "execution": {"shell.execute_reply": "2026-11-26T07:00:00Z"}})
+    cell = new_code_cell(
+        "print(1)",
+        metadata={"tags": ["keep"], "execution": {"shell.execute_reply": "2026-11-26T07:00:00Z"}},
+    )
     cell.outputs = [
         new_output("stream", name="stdout", text="1\n"),
         new_output(
             "display_data",
-            data={"text/plain": "  0%|  | 0/10", "application/vnd.jupyter.widget-view+json": {"model_id": "x"}},
+            data={
+                "text/plain": "  0%|  | 0/10",
+                "application/vnd.jupyter.widget-view+json": {"model_id": "x"},
+            },
         ),
-        new_output("execute_result", data={"text/plain": "2"}, metadata={"x": 1}, execution_count=1),
+        new_output(
+            "execute_result", data={"text/plain": "2"}, metadata={"x": 1}, execution_count=1
+        ),
     ]
-    nb = new_notebook(cells=[cell], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
+    nb = new_notebook(
+        cells=[cell], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}}
+    )
     strip_metadata(nb)
-    assert nb.metadata == {"language_info": {"name": "python"}}
+    # One fixed kernelspec (the venv's "Python (labkit)" kernel), whatever the run used.
+    assert nb.metadata["kernelspec"] == {
+        "display_name": "Python (labkit)",
+        "language": "python",
+        "name": "labkit",
+    }
+    assert set(nb.metadata) == {"kernelspec", "language_info"}
+    assert nb.metadata["language_info"]["name"] == "python"
     assert nb.cells[0].metadata == {"tags": ["keep"]}
     outs = nb.cells[0].outputs
     assert [o.output_type for o in outs] == ["stream", "execute_result"]
