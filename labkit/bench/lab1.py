@@ -18,11 +18,27 @@ Notes:
    :func:`labkit.timing.timed_call`. A failed request is a row with ``error`` set, not
    an exception: the run goes on, and tables leave such rows out.
 4. ``concurrency`` requests are in flight at once (a closed loop of worker threads).
+5. **Lab 1 step 3's UX rating is a stated rubric, not a measurement.** :func:`ux_rating`
+   maps the wait until text is visible (stream: TTFT; non-stream: the whole reply) to
+   1–5 using the response-time limits usability work has long used — about 0.1 s feels
+   instantaneous, about 1 s keeps the user's flow of thought, about 10 s is as long as
+   attention holds — plus a 3 s step between the last two. A streamed reply loses a
+   point when its text, once visible, arrives slower than a person reads
+   (:data:`READING_TOKENS_PER_S`), since then the total wait shows too. The bands are
+   constants here so a learner can argue with them; :func:`apply_ratings` lets them
+   replace the rubric's ratings with their own.
+6. **Step 5's verdict uses the absolute wait, not the speedup ratio.** A 3× speedup on
+   a reply that takes a third of a second to write changes nothing a user feels.
+   :func:`streaming_gain` calls streaming *negligible* for a prompt whose whole
+   non-streamed reply is visible within :data:`FLOW_LIMIT_MS` (the rubric's 1 s
+   step); :func:`crossover_tokens` fits total time against output tokens to say at
+   what length the non-streamed wait crosses that limit.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,17 +51,47 @@ from ..timing import CallTiming, StreamTiming, finish, instrument, summarize, ti
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "FLOW_LIMIT_MS",
+    "READING_TOKENS_PER_S",
+    "UX_BANDS",
     "Prompt",
+    "apply_ratings",
+    "crossover_tokens",
     "default_prompts_path",
+    "key_insight",
     "load_prompts",
     "measure_call",
     "measure_stream",
     "per_prompt_table",
     "run_trials",
+    "streaming_gain",
+    "ux_rating",
+    "ux_rubric",
 ]
 
 #: Where ``labkit ttft`` looks for prompts when ``--prompts`` is not given (note 1).
 DEFAULT_PROMPTS = Path("data") / "lab1_prompts.jsonl"
+
+#: Streaming is negligible when the whole non-streamed reply is visible within this (note 6);
+#: it is also the rubric's step from 4 to 3.
+FLOW_LIMIT_MS = 1000.0
+#: The rubric's bands (note 5): (longest wait until text is visible, in seconds; rating).
+#: A longer wait than the last band rates 1.
+UX_BANDS: tuple[tuple[float, int], ...] = (
+    (0.1, 5),
+    (FLOW_LIMIT_MS / 1000, 4),
+    (3.0, 3),
+    (10.0, 2),
+)
+_UX_WORDS = {
+    5: "feels instantaneous",
+    4: "a pause, but the flow of thought holds",
+    3: "a noticeable wait",
+    2: "attention starts to drift",
+    1: "longer than attention holds: the user wonders if it broke",
+}
+#: A person reads about 4 words a second, about 5 tokens of English (note 5).
+READING_TOKENS_PER_S = 5.0
 
 
 @dataclass
@@ -246,7 +292,8 @@ def run_trials(
 def per_prompt_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Lab 1's table from :func:`run_trials` rows: per prompt, medians and p10/p90 of
     stream TTFT, stream total and non-stream total; output tokens (median) and the
-    TTFT speedup (non-stream total / stream TTFT, medians)."""
+    TTFT speedup (non-stream total / stream TTFT, medians); the rubric's UX rating of
+    each mode's medians (``ux_stream``, ``ux_non_stream``; note 5)."""
     order: list[str] = []
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -281,7 +328,174 @@ def per_prompt_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "non_stream_total_p90": nst["p90"],
                 "ttft_speedup": speedup,
                 "itl_p50_ms": itl["median"],
+                "ux_stream": None
+                if ttft["median"] is None
+                else ux_rating(ttft["median"], total["median"], toks["median"]),
+                "ux_non_stream": None if nst["median"] is None else ux_rating(nst["median"]),
                 "n": ttft["n"],
             }
         )
     return table
+
+
+# ── Lab 1 steps 3 and 5: UX rating and the key insight (notes 5 and 6) ─────────────
+
+
+def ux_rating(
+    visible_ms: float, total_ms: float | None = None, output_tokens: float | None = None
+) -> int:
+    """The rubric's 1–5 rating (note 5) of a reply whose text became visible after
+    ``visible_ms`` and finished after ``total_ms`` with ``output_tokens`` tokens. A
+    non-streamed reply is visible only when it is complete: pass its total as
+    ``visible_ms`` alone."""
+    if visible_ms is None or visible_ms < 0:
+        raise ConfigurationError(
+            f"visible_ms={visible_ms!r} is not a wait.",
+            hint="Pass the milliseconds until text was visible (TTFT, or the total if not streamed).",
+        )
+    rating = next((r for limit_s, r in UX_BANDS if visible_ms <= limit_s * 1000), 1)
+    streaming_s = ((total_ms or 0.0) - visible_ms) / 1000  # text arriving, once visible
+    if output_tokens and streaming_s > 0 and output_tokens / streaming_s < READING_TOKENS_PER_S:
+        rating = max(rating - 1, 1)
+    return rating
+
+
+def ux_rubric() -> str:
+    """The rubric :func:`ux_rating` applies, in words (built from its constants)."""
+    lines = ["Rubric: wait until text is visible (streamed: TTFT; not streamed: the total)"]
+    low = 0.0
+    for limit_s, rating in UX_BANDS:
+        lines.append(f"  {rating}: {low:g}–{limit_s:g} s, {_UX_WORDS[rating]}")
+        low = limit_s
+    lines.append(f"  1: over {low:g} s, {_UX_WORDS[1]}")
+    lines.append(
+        f"  streamed only: one point off (not below 1) if the text, once visible, arrives "
+        f"slower than a person reads ({READING_TOKENS_PER_S:g} tokens/s)"
+    )
+    return "\n".join(lines)
+
+
+def apply_ratings(
+    table: Sequence[dict[str, Any]], mine: dict[str, dict[str, int | None]] | None = None
+) -> list[dict[str, Any]]:
+    """Per prompt of :func:`per_prompt_table`: the UX ratings to use — yours from
+    ``mine`` (``{prompt id: {"stream": 1–5 or None, "non_stream": 1–5 or None}}``)
+    where given, else the rubric's — with ``rated_by`` saying whose, and the rubric's
+    own ratings alongside (``rubric_stream``, ``rubric_non_stream``)."""
+    mine = mine or {}
+    ids = [r["prompt"] for r in table]
+    for pid, modes in mine.items():
+        if pid not in ids:
+            raise ConfigurationError(
+                f"No prompt {pid!r} in this run.", hint=f"Rate one of: {', '.join(ids)}."
+            )
+        for mode, value in (modes or {}).items():
+            if mode not in ("stream", "non_stream"):
+                raise ConfigurationError(
+                    f"{pid}: unknown mode {mode!r}.", hint='Use the keys "stream" and "non_stream".'
+                )
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5
+            ):
+                raise ConfigurationError(
+                    f"{pid} {mode}: {value!r} is not a rating.",
+                    hint="Use a whole number from 1 (bad) to 5 (great), or None.",
+                )
+    out = []
+    for r in table:
+        yours = mine.get(r["prompt"]) or {}
+        row: dict[str, Any] = {"prompt": r["prompt"]}
+        by = set()
+        for mode in ("stream", "non_stream"):
+            rubric = r.get(f"ux_{mode}")
+            value = yours.get(mode)
+            row[f"ux_{mode}"] = rubric if value is None else value
+            row[f"rubric_{mode}"] = rubric
+            by.add("rubric" if value is None else "you")
+        row["rated_by"] = " + ".join(sorted(by, reverse=True))
+        out.append(row)
+    return out
+
+
+def streaming_gain(
+    table: Sequence[dict[str, Any]], *, negligible_wait_ms: float = FLOW_LIMIT_MS
+) -> list[dict[str, Any]]:
+    """Per prompt: the wait streaming removes (``saved_ms`` = non-stream total − stream
+    TTFT), the TTFT speedup, and a ``verdict``: "negligible" when the whole non-streamed
+    reply is visible within ``negligible_wait_ms``, else "matters" (note 6). Prompts
+    without both modes are left out."""
+    out = []
+    for r in table:
+        ttft, whole = r.get("stream_ttft_ms"), r.get("non_stream_total_ms")
+        if ttft is None or whole is None:
+            continue
+        out.append(
+            {
+                "prompt": r["prompt"],
+                "output_tokens": r["output_tokens"],
+                "stream_ttft_ms": ttft,
+                "non_stream_total_ms": whole,
+                "saved_ms": whole - ttft,
+                "ttft_speedup": r.get("ttft_speedup"),
+                "verdict": "negligible" if whole <= negligible_wait_ms else "matters",
+            }
+        )
+    return out
+
+
+def crossover_tokens(
+    table: Sequence[dict[str, Any]], *, wait_ms: float = FLOW_LIMIT_MS
+) -> float | None:
+    """Output tokens at which the non-streamed wait reaches ``wait_ms``, from a straight
+    line fitted through (output tokens, non-stream total) of every prompt: below it,
+    streaming is negligible (note 6). 0 when even an empty reply waits longer; None
+    when the data cannot say (fewer than two lengths, or time not growing with length)."""
+    pts = [
+        (float(r["output_tokens"]), float(r["non_stream_total_ms"]))
+        for r in table
+        if r.get("output_tokens") is not None and r.get("non_stream_total_ms") is not None
+    ]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    slope, intercept = statistics.linear_regression([x for x, _ in pts], [y for _, y in pts])
+    if slope <= 0:
+        return None
+    return max((wait_ms - intercept) / slope, 0.0)
+
+
+def key_insight(
+    table: Sequence[dict[str, Any]], *, negligible_wait_ms: float = FLOW_LIMIT_MS
+) -> list[str]:
+    """Lab 1 step 5 in sentences, computed from :func:`per_prompt_table`: where streaming
+    matters most, where it is negligible, and the output length between the two."""
+    gain = streaming_gain(table, negligible_wait_ms=negligible_wait_ms)
+    if not gain:
+        return ["No prompt ran both streamed and not streamed: nothing to compare."]
+    most = max(gain, key=lambda g: g["saved_ms"])
+    least = min(gain, key=lambda g: g["saved_ms"])
+    limit = f"{negligible_wait_ms / 1000:g} s"
+    out = [
+        f"Streaming matters most for {most['prompt']} ({most['output_tokens']:.0f} output "
+        f"tokens): text after {most['stream_ttft_ms']:.0f} ms instead of "
+        f"{most['non_stream_total_ms']:.0f} ms, {most['saved_ms'] / 1000:.1f} s less blank screen.",
+        f"It matters least for {least['prompt']} ({least['output_tokens']:.0f} tokens): "
+        f"{least['saved_ms']:.0f} ms saved ({least['ttft_speedup']:.1f}× as a ratio).",
+    ]
+    small = [g["prompt"] for g in gain if g["verdict"] == "negligible"]
+    if small:
+        out.append(
+            f"Negligible (whole reply visible within {limit} without streaming): {', '.join(small)}."
+        )
+    else:
+        out.append(f"No prompt's non-streamed reply arrives within {limit}: never negligible here.")
+    cross = crossover_tokens(table, wait_ms=negligible_wait_ms)
+    if cross is None:
+        out.append("The data cannot place a crossover length (time does not grow with length).")
+    elif cross == 0:
+        out.append(f"Even an empty reply takes over {limit} here: streaming always helps.")
+    else:
+        out.append(
+            f"A fitted line puts the crossover at about {cross:.0f} output tokens: below that "
+            f"streaming is negligible, above it the gain grows with every token."
+        )
+    return out
