@@ -488,6 +488,10 @@ def key_insight(
         )
     else:
         out.append(f"No prompt's non-streamed reply arrives within {limit}: never negligible here.")
+    ttfts = [g["stream_ttft_ms"] for g in gain]
+    out.append(
+        f"TTFT itself stays between {min(ttfts):.0f} and {max(ttfts):.0f} ms whatever the length."
+    )
     cross = crossover_tokens(table, wait_ms=negligible_wait_ms)
     if cross is None:
         out.append("The data cannot place a crossover length (time does not grow with length).")
