@@ -175,7 +175,7 @@ def test_key_insight_names_where_streaming_matters_and_where_it_is_negligible():
     assert "matters most for long (512 output tokens)" in text
     assert "least for short (16 tokens): 300 ms saved (4.0× as a ratio)" in text
     assert "Negligible (whole reply visible within 1 s without streaming): short." in text
-    assert "crossover at about 46 output tokens" in text
+    assert "reaches 1 s at about 46 output tokens" in text
     assert "TTFT itself stays between 100 and 100 ms" in text
     never = " ".join(key_insight(TABLE[1:]))
     assert "never negligible" in never

@@ -496,10 +496,14 @@ def key_insight(
     if cross is None:
         out.append("The data cannot place a crossover length (time does not grow with length).")
     elif cross == 0:
-        out.append(f"Even an empty reply takes over {limit} here: streaming always helps.")
+        out.append(
+            f"A straight line through the non-streamed totals starts above {limit} even at "
+            f"zero output tokens: here streaming helps at every length."
+        )
     else:
         out.append(
-            f"A fitted line puts the crossover at about {cross:.0f} output tokens: below that "
-            f"streaming is negligible, above it the gain grows with every token."
+            f"A straight line through the non-streamed totals reaches {limit} at about "
+            f"{cross:.0f} output tokens: the trend's estimate of where streaming starts to "
+            f"matter (single prompts scatter around it; the table has them)."
         )
     return out
