@@ -24,6 +24,11 @@ Notes:
    caches a ``str``'s hash on the object, so looking up a message already seen costs
    one dict probe, not a re-encode: a growing conversation costs O(new message) per
    turn to count.
+5. tiktoken's pre-tokenizing regex gives up on a run of about a million whitespace
+   characters (``ValueError: ... Max stack size exceeded for backtracking``; measured:
+   999,023 spaces encode, 1,000,000 do not). :func:`encode` then encodes the text in
+   pieces of ``_PIECE_CHARS`` characters: the count may differ by a token at each cut,
+   never by a crash, and texts that short never reach it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "cache_dir",
     "count_messages",
     "count_tokens",
+    "encode",
     "exact_count",
     "get_encoding",
     "install_offline_encodings",
@@ -131,9 +137,29 @@ def get_encoding(name: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
     return tiktoken.get_encoding(name)
 
 
+#: Piece length for texts tiktoken cannot encode in one call (note 5).
+_PIECE_CHARS = 100_000
+
+
+def _encode(enc: tiktoken.Encoding, text: str) -> list[int]:
+    try:
+        return enc.encode(text, disallowed_special=())
+    except ValueError:  # the regex's backtracking limit (note 5)
+        out: list[int] = []
+        for i in range(0, len(text), _PIECE_CHARS):
+            out += enc.encode(text[i : i + _PIECE_CHARS], disallowed_special=())
+        return out
+
+
+def encode(text: str, encoding: str = DEFAULT_ENCODING) -> list[int]:
+    """``text``'s tokens under a tiktoken encoding, special tokens read as plain text;
+    any length of text (note 5)."""
+    return _encode(get_encoding(encoding), text)
+
+
 def count_tokens(text: str, encoding: str = DEFAULT_ENCODING) -> int:
     """Number of tokens in ``text`` under a tiktoken encoding (an estimate for Claude)."""
-    return len(get_encoding(encoding).encode(text, disallowed_special=()))
+    return len(encode(text, encoding))
 
 
 #: Tokens added per message for role and formatting (the course's approximation).
@@ -186,7 +212,7 @@ class TokenCounter:
         """Tokens in ``text`` (cached)."""
         n = self._cache.get(text)
         if n is None:
-            n = len(self._encoder.encode(text, disallowed_special=()))
+            n = len(_encode(self._encoder, text))
             if len(self._cache) >= self.maxsize:
                 self._cache.clear()
             self._cache[text] = n
@@ -239,9 +265,9 @@ def count_messages(
     prompt that its ``will_fit`` adds.
     """
     enc = get_encoding(encoding)
-    total = REPLY_PRIMING + (len(enc.encode(system, disallowed_special=())) if system else 0)
+    total = REPLY_PRIMING + (len(_encode(enc, system)) if system else 0)
     for m in messages:
-        total += len(enc.encode(message_text(m), disallowed_special=())) + MESSAGE_OVERHEAD
+        total += len(_encode(enc, message_text(m))) + MESSAGE_OVERHEAD
     return total
 
 

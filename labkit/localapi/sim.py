@@ -278,7 +278,7 @@ class SimEngine:
         self._fault_rng = random.Random(self.options.seed)
         from ..tokens import get_encoding
 
-        self._enc = get_encoding("cl100k_base")
+        get_encoding("cl100k_base")  # load it now, not on the first request
 
     @property
     def context_window(self) -> int:
@@ -288,7 +288,9 @@ class SimEngine:
     def count_tokens(self, req: GenerationRequest) -> int:
         """cl100k tokens of the ChatML rendering (note 3)."""
         text = render_chatml(req.system, req.messages, req.prefill)
-        return len(self._enc.encode(text, disallowed_special=()))
+        from ..tokens import encode
+
+        return len(encode(text, "cl100k_base"))
 
     def _fault(self, opts: SimOptions) -> tuple[str | None, int | None, str]:
         before, after, with_ = opts.fail_before, opts.fail_after, opts.fail_with
