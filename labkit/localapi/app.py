@@ -59,6 +59,7 @@ from .engine import (
     GenerationRequest,
     Started,
 )
+from .limits import MAX_BODY_BYTES, BodyLimit, check_request
 from .metrics import Metrics
 from .sim import parse_sim_header
 from .wire import error_headers, error_status
@@ -76,8 +77,6 @@ REQUEST_LOG_SIZE = 64
 #: Larger bodies are logged without their content (note 7).
 REQUEST_LOG_MAX_BODY = 1024 * 1024
 
-#: Largest request body accepted (the Messages API's limit); larger gets 413.
-MAX_BODY_BYTES = 32 * 1024 * 1024
 _PING_SECONDS = 15.0
 _DISCONNECT_POLL_S = 0.1
 
@@ -172,7 +171,7 @@ def create_app(
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}.get(
             exc.status_code, "api_error"
         )
         return error_response(
@@ -192,7 +191,7 @@ def create_app(
             )
         try:
             body = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise EngineError(
                 "invalid_request_error", f"The request body is not valid JSON: {exc}"
             ) from None
@@ -209,6 +208,7 @@ def create_app(
                     "body_bytes": len(raw),
                 }
             )
+        check_request(body)
         return body
 
     def request_options(request: Request) -> dict[str, Any]:
@@ -481,4 +481,4 @@ def create_app(
         scores, counts = await scorer(system, msgs, prefill, candidates)
         return JSONResponse({"scores": scores, "tokens": counts})
 
-    return _Stamp(api, metrics)
+    return _Stamp(BodyLimit(api, MAX_BODY_BYTES), metrics)

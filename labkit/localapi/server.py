@@ -30,6 +30,7 @@ import httpx
 from ..errors import ConfigurationError
 from .constants import DEFAULT_HOST
 from .engine import check_engine, make_engine
+from .limits import MAX_HEADER_BYTES, header_refusal, uvicorn_http
 from .metrics import Metrics, parse_prometheus
 from .options import option_args
 
@@ -65,7 +66,13 @@ def serve(
             hint="Choose another --port (0 picks a free one).",
         ) from None
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+        **uvicorn_http(MAX_HEADER_BYTES, header_refusal),
+    )
     server = uvicorn.Server(config)
     if port_file:
         tmp = Path(port_file + ".tmp")
