@@ -340,7 +340,34 @@ def serve(
         10, "--keep-turns", help="Turns sent when the budget is exceeded."
     ),
     max_message_chars: int = typer.Option(
-        32_000, "--max-message-chars", help="Longest user message accepted."
+        32_000, "--max-message-chars", min=1, help="Longest user message accepted, in characters."
+    ),
+    max_system_prompt_chars: int = typer.Option(
+        16_000,
+        "--max-system-prompt-chars",
+        min=0,
+        help="Longest system prompt accepted, in characters (with --max-message-chars, sets the body bound).",
+    ),
+    max_header_bytes: int = typer.Option(
+        16_384, "--max-header-bytes", min=1024, help="Longest request line + headers, in bytes."
+    ),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        envvar="LABKIT_SERVER_KEY",
+        show_envvar=True,
+        help="Server key: every route but /health and / then needs 'Authorization: Bearer KEY'. "
+        "Prefer the environment variable (a command line is visible in ps).",
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False,
+        "--insecure-no-auth",
+        help="Serve a non-loopback --host without a key (anyone who can reach it reads every conversation).",
+    ),
+    log_level: str = typer.Option(
+        "info",
+        "--log-level",
+        help="critical, error, warning, info or debug (debug also logs tracebacks).",
     ),
     max_tokens: int = typer.Option(512, "--max-tokens", help="max_tokens of each reply."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature."),
@@ -352,10 +379,25 @@ def serve(
         True, "--access-log/--no-access-log", help="Log one line per request."
     ),
 ) -> None:
-    """Run the streaming chat API with persistent sessions (docs at /docs, chat page at /)."""
+    """Run the streaming chat API with persistent sessions (docs at /docs, chat page at /).
+
+    On 127.0.0.1 (the default) no key is needed; on any other --host, set a key
+    (LABKIT_SERVER_KEY or --api-key) or pass --insecure-no-auth.
+    """
+    from .errors import ConfigurationError
     from .server import Settings
     from .server import serve as run
+    from .server.auth import check_binding, check_key
 
+    if log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+        raise ConfigurationError(
+            f"--log-level {log_level!r} is not a level.",
+            hint="Use critical, error, warning, info or debug.",
+        )
+    key = check_key(api_key)
+    warning = check_binding(host, key, insecure_no_auth=insecure_no_auth)
+    if warning:
+        err.print(f"[bold red]warning:[/] {warning}")
     settings = Settings(
         store_url=store,
         store_ttl=ttl,
@@ -366,12 +408,16 @@ def serve(
         context_budget=context_budget,
         keep_turns=keep_turns,
         max_message_chars=max_message_chars,
+        max_system_prompt_chars=max_system_prompt_chars,
+        max_header_bytes=max_header_bytes,
         max_tokens=max_tokens,
         temperature=temperature,
         max_retries=max_retries,
         ping_seconds=ping_seconds,
+        server_key=key,
+        loopback_hosts_only=not insecure_no_auth,
     )
-    run(settings, host=host, port=port, access_log=access_log)
+    run(settings, host=host, port=port, access_log=access_log, log_level=log_level.lower())
 
 
 if __name__ == "__main__":

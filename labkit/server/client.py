@@ -65,11 +65,16 @@ def _raise_for(response: httpx.Response) -> None:
 
 
 class ChatClient:
-    """``ChatClient("http://127.0.0.1:8000")``: stream turns and read sessions."""
+    """``ChatClient("http://127.0.0.1:8000")``: stream turns and read sessions.
 
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+    ``api_key``: the server key, sent as ``Authorization: Bearer <key>`` on every
+    request (a server started with ``--api-key`` / ``LABKIT_SERVER_KEY`` needs it).
+    """
+
+    def __init__(self, base_url: str, *, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def stream(
         self,

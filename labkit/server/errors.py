@@ -15,10 +15,15 @@ Notes:
    an overloaded model 503, a timeout 504, anything else from upstream 502).
 3. **Framework errors too.** :func:`install` registers the handlers: malformed JSON is
    400 ``invalid_json``, wrong or missing fields 422 ``invalid_request`` naming the
-   fields, an unknown path or method Starlette's 404/405, and anything unexpected a
-   500 ``internal_error`` logged with its traceback. Checks that run before routing
-   (request size limits, authentication) answer through :meth:`HTTPError.response`
-   as well, so a client reads one shape whatever refused it.
+   fields, an unknown path or method Starlette's 404/405, a body over the size bound
+   413 ``request_too_large``, and anything unexpected a 500 ``internal_error``. Checks
+   that run before routing (request size limits, authentication) answer through
+   :meth:`HTTPError.response` as well, so a client reads one shape whatever refused it.
+4. **Nothing secret in a body.** :meth:`HTTPError.body` passes the message and hint
+   through :func:`labkit.server.redact.redact` (keys, URL passwords). An unexpected
+   error's body says only that it happened and gives a reference; the log line with
+   the same reference names the exception (:func:`unexpected`), with no traceback
+   unless the server runs at ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from ..errors import (
     TokenizerUnavailableError,
     UpstreamError,
 )
+from ..localapi.limits import BodyTooLarge
+from .redact import redact, reference
 
 __all__ = [
     "STATUS",
@@ -52,6 +59,7 @@ __all__ = [
     "from_validation",
     "http_error",
     "install",
+    "unexpected",
 ]
 
 log = logging.getLogger("labkit.server")
@@ -93,8 +101,8 @@ class HTTPError(Exception):
         self.status, self.error, self.message, self.hint = status, error, message, hint
 
     def body(self) -> dict[str, str]:
-        """The JSON body (also the error event of a stream)."""
-        return {"error": self.error, "message": self.message, "hint": self.hint}
+        """The JSON body (also the error event of a stream); secrets redacted (note 4)."""
+        return {"error": self.error, "message": redact(self.message), "hint": redact(self.hint)}
 
     def response(self, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
         """The answer; ``extra`` adds fields to the body (e.g. the ``session_id``)."""
@@ -140,10 +148,33 @@ def from_validation(exc: RequestValidationError) -> HTTPError:
     return HTTPError(422, "invalid_request", msg, hint)
 
 
-def from_http_exception(exc: StarletteHTTPException) -> HTTPError:
-    """Starlette's own errors (unknown path 404, wrong method 405, ...)."""
+def from_http_exception(exc: StarletteHTTPException, settings: Any = None) -> HTTPError:
+    """Starlette's own errors (unknown path 404, wrong method 405, ...) and the body
+    bound's 413 (``settings``, when given, names the limits it follows from)."""
+    if isinstance(exc, BodyTooLarge):
+        hint = "Send a shorter message."
+        if settings is not None:
+            hint = (
+                f"Send at most {settings.max_message_chars:,} characters of message and "
+                f"{settings.max_system_prompt_chars:,} of system prompt (labkit serve "
+                "--max-message-chars, --max-system-prompt-chars); the body bound follows from them."
+            )
+        return HTTPError(413, "request_too_large", str(exc.detail), hint)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return HTTPError(exc.status_code, kind, str(exc.detail), "See /docs for the API.")
+
+
+def unexpected(exc: BaseException, where: str) -> HTTPError:
+    """Log an unexpected error as one line with a reference; the 500 that names only
+    the reference (note 4)."""
+    ref = reference()
+    log.error("unexpected error %s %s", ref, where, exc_info=exc)
+    return HTTPError(
+        500,
+        "internal_error",
+        f"The server failed unexpectedly (reference {ref}).",
+        f"{_RETRY} The log line names the reference {ref}.",
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -163,9 +194,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return from_http_exception(exc).response(headers=getattr(exc, "headers", None))
+        settings = getattr(request.app.state, "settings", None)
+        return from_http_exception(exc, settings).response(headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return HTTPError(500, "internal_error", f"{type(exc).__name__}: {exc}", _RETRY).response()
+        return unexpected(exc, f"on {request.method} {request.url.path}").response()

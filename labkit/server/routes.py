@@ -25,6 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from .headers import page_csp
 from .models import ERROR_RESPONSES, ChatReply, ChatRequest, Usage
 from .service import ChatService
 from .sse import encode_event, event_response
@@ -44,12 +45,16 @@ router = APIRouter()
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
+    """The chat page, with a content security policy that allows only its own script."""
     html = resources.files("labkit.server").joinpath("static/index.html").read_text("utf-8")
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html)})
 
 
 @router.get("/health", include_in_schema=False)
-async def health(service: Service) -> dict[str, Any]:
+async def health(request: Request, service: Service) -> dict[str, Any]:
+    """Open to all; the model API and store are named only to requests with the key."""
+    if not request.scope.get("labkit.authorized", True):
+        return {"ok": True}
     return {"ok": True, **service.describe()}
 
 

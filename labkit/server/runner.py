@@ -13,6 +13,12 @@ Notes:
 3. The child's stderr goes to a file (``.log_path``) so tests can assert that no
    traceback was logged; the child stops itself when its parent is gone (it watches
    ``getppid()``), and ``atexit`` stops it on a normal exit.
+4. ``ChatServer(server_key=...)`` gives the key to the child as ``LABKIT_SERVER_KEY``
+   in its environment, never on its command line (``ps`` shows command lines to every
+   user of the machine).
+5. uvicorn runs with the head bound of :mod:`labkit.server.limits` and the logging
+   configuration of :mod:`labkit.server.redact` (secrets redacted, no tracebacks below
+   ``debug``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from typing import Any
 import httpx
 
 from .app import create_app
+from .auth import KEY_ENV
+from .limits import uvicorn_options
+from .redact import log_config
 from .settings import Settings
 
 __all__ = ["ChatServer", "serve"]
@@ -59,8 +68,10 @@ def serve(
         create_app(settings),
         access_log=access_log,
         log_level=log_level,
+        log_config=log_config(log_level),
         backlog=2048,
         timeout_graceful_shutdown=3,
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     if os.environ.get(WATCH_ENV, "").isdigit():
@@ -91,8 +102,8 @@ class ChatServer:
     """``labkit serve`` in a child process. Use as a context manager.
 
     ``ChatServer(store_url=..., base_url=..., provider=..., **settings)``; attributes
-    ``.url``, ``.port``, ``.log_path``; methods ``start()``, ``stop()``, ``restart()``,
-    ``log_text()``.
+    ``.url``, ``.port``, ``.log_path``, ``.server_key``; methods ``start()``, ``stop()``,
+    ``restart()``, ``log_text()``, ``client()`` (a :class:`ChatClient` with the key).
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class ChatServer:
     ) -> None:
         Settings(**settings)  # fail early on a wrong name
         self.settings = settings
+        self.server_key: str | None = settings.get("server_key")
         self.host = host
         self.port = port
         self.access_log = access_log
@@ -131,13 +143,19 @@ class ChatServer:
             "context_budget": "--context-budget",
             "keep_turns": "--keep-turns",
             "max_message_chars": "--max-message-chars",
+            "max_system_prompt_chars": "--max-system-prompt-chars",
+            "max_header_bytes": "--max-header-bytes",
             "max_tokens": "--max-tokens",
             "temperature": "--temperature",
             "max_retries": "--max-retries",
             "ping_seconds": "--ping-seconds",
         }
         for key, value in self.settings.items():
-            if value is None:
+            if value is None or key == "server_key":  # the key goes in the environment (note 4)
+                continue
+            if key == "loopback_hosts_only":
+                if not value:
+                    cmd.append("--insecure-no-auth")
                 continue
             if key not in flags:
                 raise TypeError(f"ChatServer cannot pass {key!r} to `labkit serve`")
@@ -147,7 +165,10 @@ class ChatServer:
         return cmd
 
     def start(self) -> ChatServer:
-        env = {**os.environ, **(self.env or {})}
+        env = {k: v for k, v in os.environ.items() if k != KEY_ENV}  # only its own key (note 4)
+        env.update(self.env or {})
+        if self.settings.get("server_key"):
+            env[KEY_ENV] = self.settings["server_key"]
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[WATCH_ENV] = str(os.getpid())
         log = self.log_path.open("a")
@@ -208,6 +229,12 @@ class ChatServer:
         """Stop, then start again on the same port."""
         self.stop()
         return self.start()
+
+    def client(self, **kwargs: Any) -> Any:
+        """A :class:`~labkit.server.client.ChatClient` of this server, with its key."""
+        from .client import ChatClient
+
+        return ChatClient(self.url, api_key=self.server_key, **kwargs)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -71,9 +71,10 @@ from ..errors import (
     SessionBusyError,
     UpstreamError,
 )
-from .errors import HTTPError, http_error
+from .errors import HTTPError, http_error, unexpected
 from .model_api import ModelAPI
 from .models import ChatRequest
+from .redact import add_secret, redact
 from .settings import Settings
 
 __all__ = ["ChatService", "PreparedTurn"]
@@ -150,6 +151,7 @@ class ChatService:
             mode = "inline" if str(self.store.url).startswith("sqlite") else "thread"
         self._inline = mode == "inline"
         self.model_api = await asyncio.to_thread(ModelAPI, s)
+        add_secret(self.model_api.clients.api_key)  # never in a body or a log line
         await asyncio.to_thread(self._warm_up)
 
     def _warm_up(self) -> None:
@@ -175,10 +177,12 @@ class ChatService:
         self._pool.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
-        """What ``/health`` reports: the model API and the store URL."""
+        """What ``/health`` reports: the model API and the store URL (passwords redacted)."""
+        upstream = self.model_api.describe() if self.model_api else {}
+        store = getattr(self.store, "url", None)
         return {
-            "upstream": self.model_api.describe() if self.model_api else {},
-            "store": getattr(self.store, "url", None),
+            "upstream": {k: redact(v) if isinstance(v, str) else v for k, v in upstream.items()},
+            "store": redact(store) if store else store,
         }
 
     # ── validation (note 6) ───────────────────────────────────────────────────
@@ -352,13 +356,7 @@ class ChatService:
         except LabkitError as exc:
             turn.error = http_error(exc)
         except Exception as exc:  # a bug, not a fault: log it, still end the stream cleanly
-            log.exception("turn failed on session %s", sid)
-            turn.error = HTTPError(
-                500,
-                "internal_error",
-                f"{type(exc).__name__}: {exc}",
-                "Resend the message; if it keeps failing, check the server log.",
-            )
+            turn.error = unexpected(exc, f"in a turn of session {sid}")
         if turn.error is not None:
             yield turn.error.body()
         # Release before the done event: a client may send its next message the

@@ -2,13 +2,36 @@
 
 ``labkit serve`` builds one from its flags; tests, notebook 04 and the benchmark pass the
 same names to :class:`labkit.server.ChatServer`.
+
+Notes:
+
+1. **The body bound follows from the text limits.** A valid request body is
+   ``{"message": ..., "system_prompt": ...}`` and nothing else (extra fields are
+   refused). JSON may write any character as an escape: ``\\uXXXX`` (6 bytes), or a
+   surrogate pair (12 bytes) for a character outside the Basic Multilingual Plane,
+   which Python counts as one character. So the largest valid body is
+   ``12 × (max_message_chars + max_system_prompt_chars)`` bytes of text plus
+   ``JSON_OVERHEAD_BYTES`` (4 KiB: the keys, quotes, braces and any whitespace a
+   client's JSON encoder adds). With the defaults: ``12 × (32,000 + 16,000) + 4,096 =
+   580,096`` bytes (567 KiB). A body larger than :attr:`Settings.max_body_bytes` cannot
+   be valid, so it is refused (413) before it is read: from its ``Content-Length``, or
+   as a chunked body passes the bound (:mod:`labkit.server.limits`).
+2. **The key.** ``server_key`` (``labkit serve --api-key`` or ``LABKIT_SERVER_KEY``)
+   turns on authentication (:mod:`labkit.server.auth`). It is never printed or logged,
+   and :class:`~labkit.server.ChatServer` hands it to its child in the environment, not
+   on the command line (which other users of the machine can read in ``ps``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["Settings"]
+__all__ = ["JSON_OVERHEAD_BYTES", "MAX_BYTES_PER_CHAR", "Settings"]
+
+#: Most bytes one character can take in a JSON string (a surrogate pair of escapes; note 1).
+MAX_BYTES_PER_CHAR = 12
+#: Room for the JSON around the two text fields of a request body (note 1).
+JSON_OVERHEAD_BYTES = 4096
 
 
 @dataclass
@@ -52,3 +75,17 @@ class Settings:
     store_io: str = "auto"
     #: Lease of the per-session turn lock (a crashed server blocks a session at most this long).
     turn_lease_seconds: float = 300.0
+    #: The server key: when set, every route but ``/health`` and the page needs
+    #: ``Authorization: Bearer <key>`` (note 2; :mod:`labkit.server.auth`).
+    server_key: str | None = field(default=None, repr=False)
+    #: Without a key, answer only requests addressed to a loopback name (``Host:
+    #: 127.0.0.1``, ``localhost``, ``[::1]``); ``--insecure-no-auth`` turns it off.
+    loopback_hosts_only: bool = True
+    #: Largest request line plus headers, in bytes (431 beyond).
+    max_header_bytes: int = 16 * 1024
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body read, in bytes: what the text limits allow (note 1)."""
+        chars = self.max_message_chars + self.max_system_prompt_chars
+        return MAX_BYTES_PER_CHAR * chars + JSON_OVERHEAD_BYTES
