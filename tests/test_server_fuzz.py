@@ -23,20 +23,24 @@ from labkit.server import ChatServer
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(chat_sim, tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, "fuzz-server-key-0123456789"], ids=["open", "key"])
+def fuzz_server(request, chat_sim, tmp_path_factory):
+    """The server under fuzz, without and with a server key (then every request sends it)."""
     db = tmp_path_factory.mktemp("fuzz") / "chat.db"
     with ChatServer(
         store_url=f"sqlite:///{db}", provider="local", base_url=chat_sim.base_url, max_retries=0,
-        max_message_chars=2000,
+        max_message_chars=2000, server_key=request.param,
     ) as server:  # fmt: skip
+        server.auth = {"Authorization": f"Bearer {request.param}"} if request.param else {}
         yield server
 
 
 def test_no_generated_request_gets_a_5xx(fuzz_server):
     """Every operation of the schema, valid and invalid inputs (schemathesis's pytest
     plugin does not load under pytest 9, so the strategies are driven here)."""
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(
+        fuzz_server.url + "/openapi.json", headers=fuzz_server.auth
+    )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6
     seen: dict[int, int] = {}
@@ -49,7 +53,7 @@ def test_no_generated_request_gets_a_5xx(fuzz_server):
         @given(case=strategy)
         @settings(max_examples=40)
         def check(case):
-            response = case.call(base_url=fuzz_server.url, timeout=30)
+            response = case.call(base_url=fuzz_server.url, timeout=30, headers=fuzz_server.auth)
             seen[response.status_code] = seen.get(response.status_code, 0) + 1
             assert response.status_code < 500, (
                 case.method,
@@ -97,7 +101,7 @@ BODIES = st.one_of(WELL_FORMED, MALFORMED)
 def test_arbitrary_bodies_on_a_real_session_never_5xx_and_store_only_whole_turns(fuzz_server):
     import httpx
 
-    with httpx.Client(base_url=fuzz_server.url, timeout=30) as http:
+    with httpx.Client(base_url=fuzz_server.url, timeout=30, headers=fuzz_server.auth) as http:
         sid = http.post("/chat/new", json={"message": "hello"}).json()["session_id"]
 
         @given(
