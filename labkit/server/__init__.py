@@ -2,7 +2,12 @@
 
 Modules, from the edge inwards:
 
-- ``app`` — ``create_app(settings)``: assembles the FastAPI app (lifespan, handlers, routes).
+- ``app`` — ``create_app(settings)``: assembles the FastAPI app (lifespan, handlers, routes,
+  and what sees every request first: ``headers``, ``auth``, ``limits``).
+- ``auth`` — the server key (Bearer), where a server may listen without one, the Host check.
+- ``limits`` — the body bound (from the text limits) and the head bound.
+- ``headers`` — nosniff and the chat page's content security policy.
+- ``redact`` — secrets out of error bodies and logs; no tracebacks below debug.
 - ``routes`` — the HTTP routes; each calls one ``ChatService`` method.
 - ``sse`` — how an event becomes SSE bytes, and the streaming response.
 - ``errors`` — the one error body, and domain errors → HTTP statuses.

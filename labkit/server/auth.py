@@ -11,10 +11,18 @@ Notes:
    depend on how much of it matched. ``/health`` then answers ``{"ok": true}`` only;
    its details (model API, store) are for requests with the key. ``/docs`` and
    ``/openapi.json`` need the key too (read the schema with ``curl -H``).
-2. **One key, one trust domain.** Whoever holds the key may do everything, the session
-   listing included: the key is the server's, not a user's. (Why sessions carry no
-   secret of their own is the closing note of issue 14, kept in the README's chat API
-   section: per-user keys are the way to share one server between people.)
+2. **One key, one trust domain; sessions carry no secret of their own.** Whoever holds
+   the key may do everything, the session listing included: the key is the server's,
+   not a user's. A per-session secret (a token returned when a session is created and
+   required to read, continue or delete it) was considered and left out. It would only
+   separate people who share one key; it needs a second secret that key holders do
+   not have, which survives restarts and is shared by every server process on the
+   store (or a store migration to keep a hash per session); and every client of the
+   API (the course's, the page, notebook 04) would have to carry it beside the id. People
+   who must not read each other's conversations should not share a key: run a server
+   and store per person; if one server must serve several people, the fitting design is
+   a key per person, with the key's id recorded as each session's owner (a store
+   migration) and the listing and every session route filtered by it.
 3. **A key is required off loopback.** :func:`check_binding` refuses a non-loopback
    ``--host`` without a key (a server on the network would show every conversation to
    anyone who can reach the port); ``--insecure-no-auth`` overrides it with a warning.
