@@ -371,8 +371,10 @@ def test_no_key_or_stack_trace_in_any_error_body_or_log_line(quoting_upstream, m
         assert "Traceback" not in text and 'File "' not in text
 
 
-def test_an_unexpected_error_answers_a_reference_and_logs_one_redacted_line(caplog):
-    """In process: a route that fails with the key in its exception's message."""
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
+def test_an_unexpected_error_answers_a_reference_and_logs_one_redacted_line(caplog, level):
+    """In process: a route that fails with the key in its exception's message; the
+    traceback is logged (redacted) only at debug level."""
     from fastapi import FastAPI
 
     from labkit.server import errors
@@ -390,7 +392,7 @@ def test_an_unexpected_error_answers_a_reference_and_logs_one_redacted_line(capl
     handler.addFilter(RedactingFilter())
     logger = logging.getLogger("labkit.server")
     logger.addHandler(handler)
-    caplog.set_level(logging.INFO, logger="labkit.server")
+    caplog.set_level(level, logger="labkit.server")
     try:
         import asyncio
 
@@ -409,7 +411,8 @@ def test_an_unexpected_error_answers_a_reference_and_logs_one_redacted_line(capl
     (record,) = [r for r in caplog.records if ref in r.getMessage()]
     formatted = logging.Formatter().format(record)
     assert ANTHROPIC_KEY not in formatted and "[redacted]" in formatted
-    assert "RuntimeError" in formatted and "Traceback" not in formatted
+    assert "RuntimeError" in formatted
+    assert ("Traceback" in formatted) == (level == logging.DEBUG)
 
 
 def test_redaction_covers_env_secrets_key_shapes_and_url_passwords():
