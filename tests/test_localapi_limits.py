@@ -7,6 +7,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from helpers import USER, Flood
 
 from labkit.localapi import MODEL_ID
 from labkit.localapi.constants import CONTEXT_WINDOW
@@ -18,7 +19,6 @@ from labkit.localapi.limits import (
 )
 
 MiB = 1024 * 1024
-USER = [{"role": "user", "content": "Say hello."}]
 
 
 def test_body_bound_is_the_context_window_at_the_worst_bytes_per_token():
@@ -45,9 +45,9 @@ def test_a_prompt_that_fills_the_window_still_fits_the_body_bound(sim_api):
 
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
-def test_declared_oversized_body_gets_413_at_once_and_nothing_is_read(sim_api, flood, path):
-    growth, (status, body, seconds, sent, headers) = flood.peak_growth(
-        sim_api.proc.pid, flood.declared, sim_api.base_url, path, 300 * MiB
+def test_declared_oversized_body_gets_413_at_once_and_nothing_is_read(sim_api, path):
+    growth, (status, body, seconds, sent, headers) = Flood.peak_growth(
+        sim_api.proc.pid, Flood.declared, sim_api.base_url, path, 300 * MiB
     )
     assert status == 413, body
     kind = body["error"]["type"]
@@ -61,9 +61,9 @@ def test_declared_oversized_body_gets_413_at_once_and_nothing_is_read(sim_api, f
     assert growth < 5, f"server grew {growth:.1f} MiB"
 
 
-def test_endless_chunked_body_is_cut_at_the_bound(sim_api, flood):
-    growth, (status, body, seconds, sent, headers) = flood.peak_growth(
-        sim_api.proc.pid, flood.chunked, sim_api.base_url, "/v1/messages"
+def test_endless_chunked_body_is_cut_at_the_bound(sim_api):
+    growth, (status, body, seconds, sent, headers) = Flood.peak_growth(
+        sim_api.proc.pid, Flood.chunked, sim_api.base_url, "/v1/messages"
     )
     assert status == 413, body
     assert body["error"]["type"] == "request_too_large"
@@ -74,9 +74,9 @@ def test_endless_chunked_body_is_cut_at_the_bound(sim_api, flood):
     assert growth < MAX_BODY_BYTES / MiB + 6, f"server grew {growth:.1f} MiB"
 
 
-def test_endless_header_line_gets_431(sim_api, flood):
-    growth, (status, body, seconds, sent, _) = flood.peak_growth(
-        sim_api.proc.pid, flood.header, sim_api.base_url
+def test_endless_header_line_gets_431(sim_api):
+    growth, (status, body, seconds, sent, _) = Flood.peak_growth(
+        sim_api.proc.pid, Flood.header, sim_api.base_url
     )
     assert status == 431, body
     assert f"{MAX_HEADER_BYTES:,}" in body["error"]["message"]

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from helpers import CHAT_SIM, Flood
 
 from labkit.server import ChatServer, Settings
 from labkit.server.client import ChatAPIError, ChatClient
@@ -52,8 +53,8 @@ def test_body_bound_follows_from_the_text_limits():
     assert Settings(max_message_chars=100, max_system_prompt_chars=0).max_body_bytes == 5296
 
 
-def test_the_largest_valid_body_is_read_and_one_byte_more_is_not(make_sim, make_chat):
-    server = make_chat(make_sim(), max_message_chars=200, max_system_prompt_chars=100)
+def test_the_largest_valid_body_is_read_and_one_byte_more_is_not(chat_sim, make_chat):
+    server = make_chat(chat_sim, max_message_chars=200, max_system_prompt_chars=100)
     bound = Settings(max_message_chars=200, max_system_prompt_chars=100).max_body_bytes
     # Every character outside the BMP, escaped: 12 bytes each, the worst case.
     body = json.dumps({"message": "😀" * 200, "system_prompt": "😀" * 100}).encode()
@@ -67,9 +68,9 @@ def test_the_largest_valid_body_is_read_and_one_byte_more_is_not(make_sim, make_
     assert f"{bound:,}" in r.json()["message"] and "--max-message-chars" in r.json()["hint"]
 
 
-def test_declared_300_MB_body_gets_413_at_once_and_the_server_does_not_grow(keyed, flood):
-    growth, (status, body, seconds, sent, headers) = flood.peak_growth(
-        keyed.proc.pid, flood.declared, keyed.url, "/chat/stream/new", 300 * MiB, BEARER
+def test_declared_300_MB_body_gets_413_at_once_and_the_server_does_not_grow(keyed):
+    growth, (status, body, seconds, sent, headers) = Flood.peak_growth(
+        keyed.proc.pid, Flood.declared, keyed.url, "/chat/stream/new", 300 * MiB, BEARER
     )
     assert status == 413 and body["error"] == "request_too_large", body
     assert "314,572,800" in body["message"] and body["hint"]
@@ -78,9 +79,9 @@ def test_declared_300_MB_body_gets_413_at_once_and_the_server_does_not_grow(keye
     assert growth < 4, f"server grew {growth:.1f} MiB"
 
 
-def test_endless_chunked_body_gets_413_at_the_bound(keyed, flood):
-    growth, (status, body, seconds, sent, headers) = flood.peak_growth(
-        keyed.proc.pid, flood.chunked, keyed.url, "/chat/new", BEARER
+def test_endless_chunked_body_gets_413_at_the_bound(keyed):
+    growth, (status, body, seconds, sent, headers) = Flood.peak_growth(
+        keyed.proc.pid, Flood.chunked, keyed.url, "/chat/new", BEARER
     )
     assert status == 413 and body["error"] == "request_too_large", body
     assert f"{Settings().max_body_bytes:,}" in body["message"]
@@ -89,18 +90,18 @@ def test_endless_chunked_body_gets_413_at_the_bound(keyed, flood):
     assert growth < 4, f"server grew {growth:.1f} MiB"
 
 
-def test_body_without_the_key_gets_401_before_it_is_read(keyed, flood):
-    growth, (status, body, seconds, sent, headers) = flood.peak_growth(
-        keyed.proc.pid, flood.declared, keyed.url, "/chat/stream/new", 300 * MiB
+def test_body_without_the_key_gets_401_before_it_is_read(keyed):
+    growth, (status, body, seconds, sent, headers) = Flood.peak_growth(
+        keyed.proc.pid, Flood.declared, keyed.url, "/chat/stream/new", 300 * MiB
     )
     assert status == 401 and body["error"] == "unauthorized"
     assert headers["connection"] == "close" and seconds < 5 and sent < 64 * MiB
     assert growth < 4, f"server grew {growth:.1f} MiB"
 
 
-def test_endless_header_line_gets_431(keyed, flood):
-    growth, (status, body, seconds, sent, _) = flood.peak_growth(
-        keyed.proc.pid, flood.header, keyed.url
+def test_endless_header_line_gets_431(keyed):
+    growth, (status, body, seconds, sent, _) = Flood.peak_growth(
+        keyed.proc.pid, Flood.header, keyed.url
     )
     assert status == 431 and body["error"] == "headers_too_large", body
     assert "16,384" in body["message"] and body["hint"]
@@ -230,16 +231,16 @@ def test_serve_refuses_a_key_too_short_to_be_one():
     assert "secret" not in r.stderr.replace("secrets", "")  # the value is not echoed
 
 
-def test_insecure_no_auth_serves_off_loopback_with_a_warning(make_sim, make_chat):
-    server = make_chat(make_sim(), host="0.0.0.0", loopback_hosts_only=False)
+def test_insecure_no_auth_serves_off_loopback_with_a_warning(chat_sim, make_chat):
+    server = make_chat(chat_sim, host="0.0.0.0", loopback_hosts_only=False)
     assert "WITHOUT a key" in server.log_text()
     r = httpx.get(server.url + "/sessions", headers={"Host": "chat.example"})
     assert r.status_code == 200
 
 
-def test_without_a_key_only_loopback_host_names_are_answered(make_sim, make_chat):
+def test_without_a_key_only_loopback_host_names_are_answered(chat_sim, make_chat):
     """DNS rebinding: a page whose host name now resolves to 127.0.0.1 gets nothing."""
-    server = make_chat(make_sim())
+    server = make_chat(chat_sim)
     port = server.port
     for host in (f"attacker.example:{port}", "attacker.example", f"10.0.0.5:{port}"):
         r = httpx.get(server.url + "/sessions", headers={"Host": host})
@@ -324,7 +325,9 @@ def quoting_upstream():
     server.shutdown()
 
 
-def test_no_key_or_stack_trace_in_any_error_body_or_log_line(quoting_upstream, make_sim, make_chat):
+def test_no_key_or_stack_trace_in_any_error_body_or_log_line(
+    quoting_upstream, chat_sim, sim_factory, make_chat
+):
     from types import SimpleNamespace
 
     env = {"ANTHROPIC_API_KEY": ANTHROPIC_KEY, "OPENAI_API_KEY": OPENAI_KEY}
@@ -333,8 +336,9 @@ def test_no_key_or_stack_trace_in_any_error_body_or_log_line(quoting_upstream, m
     quoting = make_chat(
         SimpleNamespace(base_url=quoting_upstream), provider="anthropic", env=env, server_key=KEY
     )
-    failing = make_chat(make_sim(fail_after=2, fail_with="api_error"), env=env, server_key=KEY)
-    sim_url = make_sim().base_url
+    failing_sim = sim_factory(**CHAT_SIM, fail_after=2, fail_with="api_error")
+    failing = make_chat(failing_sim, env=env, server_key=KEY)
+    sim_url = chat_sim.base_url
     with_credentials = SimpleNamespace(base_url=sim_url.replace("//", f"//labkit:{password}@"))
     userinfo = make_chat(with_credentials, env=env, server_key=KEY)
     bodies = []
