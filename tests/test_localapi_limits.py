@@ -145,3 +145,42 @@ def test_deeply_nested_json_is_a_400_not_a_crash(sim_api):
         sim_api.base_url + "/v1/messages", content=raw, headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_the_bounds_follow_a_wider_context_window(sim_factory):
+    """The sim's window is a server option: a body over the default bound is read
+    when the window is wide enough for it."""
+    from helpers import ZERO_LATENCY
+
+    from labkit.localapi.limits import max_body_bytes
+
+    api = sim_factory(**ZERO_LATENCY, context_window=50_000)
+    assert max_body_bytes(50_000) > 7 * MiB > MAX_BODY_BYTES
+    content = "\\u0020" * (7 * MiB // 6)  # 7 MiB of JSON, 1.2 M spaces: ~9,600 tokens
+    head = f'{{"model": "{MODEL_ID}", "messages": [{{"role": "user", "content": "'
+    raw = (head + content + '"}]}').encode()
+    r = httpx.post(
+        api.base_url + "/v1/messages/count_tokens",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text[:300]
+    assert CONTEXT_WINDOW < r.json()["input_tokens"] < 50_000
+
+
+def test_request_log_keeps_bytes_not_parsed_bodies(sim_api):
+    """The last 64 bodies are kept for GET /v1/labkit/requests: as bytes, not as parsed
+    JSON (a 1 MB body of small values parses into 20+ MB)."""
+    junk = b"{}," * 340_000
+    body = b'{"model": "x", "max_tokens": 1, "messages": [], "junk": [' + junk + b"{}]}"
+    headers = {"content-type": "application/json"}
+
+    def send() -> None:
+        for _ in range(16):
+            httpx.post(sim_api.base_url + "/v1/messages", content=body, headers=headers, timeout=60)
+
+    growth, _ = Flood.peak_growth(sim_api.proc.pid, send)
+    assert growth < 16 * len(body) / MiB + 32, f"server grew {growth:.0f} MiB"
+    kept = httpx.get(sim_api.base_url + "/v1/labkit/requests?limit=1", timeout=60).json()
+    assert len(kept["requests"][0]["body"]["junk"]) == 340_001

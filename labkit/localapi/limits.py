@@ -18,7 +18,9 @@ Notes:
    stop_sequences, metadata, ...) get a fixed ``FIXED_OVERHEAD_BYTES`` (64 KiB). So
    ``MAX_BODY_BYTES = 8,192 × 128 × 6 + 65,536 = 6,356,992`` bytes (6.1 MiB): no
    request that fits the window is larger, and a larger one is refused with 413
-   before it is read.
+   before it is read. The bounds follow the engine's window (the sim engine's is a
+   server option): :func:`max_body_bytes`, :func:`max_messages`, :func:`max_prompt_chars`;
+   the constants are their values for SmolLM2's 8,192 tokens.
 2. **How a body is refused.** :class:`BodyLimit` is a pure ASGI middleware around
    ``receive``: when the declared ``Content-Length`` is over the bound, the app's first
    ``receive()`` raises :class:`BodyTooLarge` before one byte of the body is read; a
@@ -72,6 +74,9 @@ __all__ = [
     "BodyTooLarge",
     "check_request",
     "header_refusal",
+    "max_body_bytes",
+    "max_messages",
+    "max_prompt_chars",
     "uvicorn_http",
 ]
 
@@ -83,14 +88,31 @@ MAX_TOKEN_BYTES = 128
 JSON_ESCAPE_FACTOR = 6
 #: Room for the fields of a request that are not prompt text (note 1).
 FIXED_OVERHEAD_BYTES = 64 * 1024
-#: Largest request body the local API reads (note 1).
-MAX_BODY_BYTES = CONTEXT_WINDOW * MAX_TOKEN_BYTES * JSON_ESCAPE_FACTOR + FIXED_OVERHEAD_BYTES
 #: Least tokens a message costs in the ChatML prompt (note 3).
 MIN_TOKENS_PER_MESSAGE = 5
-#: Most messages a request may carry (note 3).
-MAX_MESSAGES = CONTEXT_WINDOW // MIN_TOKENS_PER_MESSAGE
-#: Most characters of prompt text that can fit in the window (note 6).
-MAX_PROMPT_CHARS = CONTEXT_WINDOW * MAX_TOKEN_BYTES
+
+
+def max_body_bytes(window: int = CONTEXT_WINDOW) -> int:
+    """Largest request body a model with a ``window``-token context can need (note 1)."""
+    return window * MAX_TOKEN_BYTES * JSON_ESCAPE_FACTOR + FIXED_OVERHEAD_BYTES
+
+
+def max_messages(window: int = CONTEXT_WINDOW) -> int:
+    """Most messages that fit in a ``window``-token context (note 3)."""
+    return window // MIN_TOKENS_PER_MESSAGE
+
+
+def max_prompt_chars(window: int = CONTEXT_WINDOW) -> int:
+    """Most characters of text that can fit in a ``window``-token context (note 6)."""
+    return window * MAX_TOKEN_BYTES
+
+
+#: Largest request body the local API reads, for the model's window (note 1).
+MAX_BODY_BYTES = max_body_bytes()
+#: Most messages a request may carry, for the model's window (note 3).
+MAX_MESSAGES = max_messages()
+#: Most characters of prompt text that fit in the model's window (note 6).
+MAX_PROMPT_CHARS = max_prompt_chars()
 #: Largest request head (request line and headers), in bytes (note 5).
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -173,10 +195,10 @@ def _text_chars(value: Any, depth: int = 0) -> int:
     return 0
 
 
-def check_request(body: Any) -> None:
-    """Refuse, before any tokenizing, a request that cannot fit the window: more
-    messages than it holds (note 3), or more characters of text than its tokens can
-    carry (note 6).
+def check_request(body: Any, window: int = CONTEXT_WINDOW) -> None:
+    """Refuse, before any tokenizing, a request that cannot fit a ``window``-token
+    context: more messages than it holds (note 3), or more characters of text than its
+    tokens can carry (note 6).
 
     Raises the local API's :class:`~.engine.EngineError` (400 ``invalid_request_error``).
     """
@@ -187,21 +209,23 @@ def check_request(body: Any) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         return
-    if len(messages) > MAX_MESSAGES:
+    most = max_messages(window)
+    if len(messages) > most:
         raise EngineError(
             "invalid_request_error",
-            f"messages: {len(messages):,} messages; at most {MAX_MESSAGES:,} fit in the "
-            f"{CONTEXT_WINDOW:,}-token context window (each costs at least "
+            f"messages: {len(messages):,} messages; at most {most:,} fit in the "
+            f"{window:,}-token context window (each costs at least "
             f"{MIN_TOKENS_PER_MESSAGE} tokens). Send fewer, longer messages.",
         )
     chars = _text_chars(body.get("system")) + sum(
         _text_chars(m.get("content")) for m in messages if isinstance(m, dict)
     )
-    if chars > MAX_PROMPT_CHARS:
+    if chars > max_prompt_chars(window):
         raise EngineError(
             "invalid_request_error",
-            f"prompt is too long: {chars:,} characters of text; at most {MAX_PROMPT_CHARS:,} "
-            f"can fit in the {CONTEXT_WINDOW:,}-token context window. Shorten the messages.",
+            f"prompt is too long: {chars:,} characters of text; at most "
+            f"{max_prompt_chars(window):,} can fit in the {window:,}-token context window. "
+            "Shorten the messages.",
             code="context_length_exceeded",
         )
 
