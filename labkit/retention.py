@@ -439,6 +439,9 @@ class ReplyLabel:
     #: What decided it, in words.
     reason: str
 
+    def __str__(self) -> str:
+        return f"{self.label}: {self.reason}"
+
 
 def label_reply(
     reply: str, fact: Fact, *, refusal_phrases: Iterable[str] = REFUSAL_PHRASES
