@@ -455,8 +455,8 @@ def label_reply(
         return ReplyLabel("correct", f"names the true answer {fact.answer!r}")
     refusal = next((p for p in refusal_phrases if p in _norm(reply)), None)
     if refusal is not None:
-        return ReplyLabel("refused", f"declines ({refusal!r}) and names no answer")
-    return ReplyLabel("hallucinated", f"answers without the fact: {fact.answer!r} is not named")
+        return ReplyLabel("refused", f"declines ({refusal!r}) and names no candidate")
+    return ReplyLabel("hallucinated", f"neither names {fact.answer!r} nor declines to answer")
 
 
 def kept_turns(conv: ScriptedConversation, messages: Iterable[Message]) -> list[int]:
