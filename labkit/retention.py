@@ -572,7 +572,7 @@ def retention_conclusion(
     luck = f"; chance alone would give about {chance * n:.1f}" if chance else ""
     first = (
         f"With {floor} the probe got {none.correct:.0f}/{n} facts right, "
-        f"{none.lucky:.0f} of them lucky guesses{luck}. "
+        f"{none.lucky:.0f} of them by luck (facts never sent){luck}. "
         f"With {reference} it recalled {full.recalled_sent:.0f}/{n} from what was sent, at "
         f"{full.total_tokens / max(none.total_tokens, 1):.1f}× the tokens"
         + (f" ({'above' if full.recall > chance else 'not above'} chance)." if chance else ".")

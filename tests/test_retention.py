@@ -210,7 +210,7 @@ def test_the_conclusion_names_the_cheapest_strategy_that_kept_most_of_the_recall
     )
     assert cheapest_keeping(table).name == "window small", "6 ≥ 0.75 × 8; lucky hits don't count"
     text = retention_conclusion(table, chance=0.2)
-    assert "window small" in text and "8/10" in text and "2 of them lucky" in text
+    assert "window small" in text and "8/10" in text and "2 of them by luck" in text
     assert "above chance" in text
     assert len(strategy_lines(table)) == 5
 
