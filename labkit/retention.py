@@ -24,11 +24,24 @@ Notes:
    (the summary included): an upper bound for recall, and a check on the probe.
 4. Strategies are stateful (:class:`Summarise` keeps its running summary), so each
    run uses the objects it is given from the first turn on; pass fresh ones.
+5. **A right answer is not always a recall.** A probe can pick the right candidate
+   for a fact that was never sent (chance is 1 in 5 with five candidates). Such a
+   hit is counted apart (``lucky``) and marked "(✓)" in :func:`lost_facts_table`;
+   ``recalled_sent`` counts only hits on facts that were in the request.
+6. **Free answers are labelled from the data, not judged by eye.**
+   :func:`label_reply` reads a free-text reply (no prefill, no candidates) against
+   the fact: *correct* when it names the true answer and no wrong candidate;
+   *hallucinated* when it names a wrong candidate; *refused* when it matches one of
+   :data:`REFUSAL_PHRASES` ("I don't know", "cannot recall", ...); anything else is
+   *hallucinated* too: an answer that does not rest on the fact. Matching is
+   case-insensitive on whole words, so a paraphrase ("March 14" for "the 14th of
+   March") counts as not naming the answer: read the reply printed beside the label.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,21 +50,32 @@ from typing import Any
 
 from . import upstream
 from .errors import ConfigurationError
-from .history import Strategy
+from .history import ConversationManager, Strategy
 from .history.clients import model_of, sdk_client
 from .tokens import TokenCounter, exact_count, message_text, supports_exact_count
 
 __all__ = [
+    "MARKS",
+    "REFUSAL_PHRASES",
     "Fact",
     "ProbeResult",
+    "ReplyLabel",
     "ScriptedConversation",
+    "ask_freely",
+    "cheapest_keeping",
     "default_probe",
     "in_context_probe",
+    "kept_turns",
+    "label_reply",
     "load_conversation",
     "lost_facts_table",
+    "mentions",
     "prefill_probe",
     "rank_probe",
+    "retention_conclusion",
     "run_retention",
+    "strategy_lines",
+    "summary_retention",
     "summary_table",
     "token_growth",
 ]
@@ -278,7 +302,7 @@ def run_retention(
         per_turn = _cost(conv, strategy, n)
         cost_s = time.perf_counter() - t0
         probe_s = 0.0
-        correct = in_ctx = 0
+        correct = in_ctx = sent_hits = 0
         probe_tokens: list[int] = []
         for fact in facts:
             sel = strategy.select([*history, {"role": "user", "content": fact.probe}], conv.system)
@@ -288,6 +312,7 @@ def run_retention(
             present = in_context_probe(sel.messages, conv.system, fact).correct
             correct += res.correct
             in_ctx += present
+            sent_hits += bool(res.correct and present)
             probe_tokens.append(sel.tokens)
             fact_rows.append(
                 {
@@ -310,6 +335,8 @@ def run_retention(
                 "strategy": label,
                 "recall": correct / len(facts) if facts else 0.0,
                 "correct": correct,
+                "recalled_sent": sent_hits,
+                "lucky": correct - sent_hits,
                 "facts": len(facts),
                 "in_context": in_ctx,
                 "prompt_tokens_per_turn": sum(per_turn) / len(per_turn) if per_turn else 0.0,
@@ -330,18 +357,231 @@ def summary_table(strat_rows: Iterable[dict[str, Any]]) -> Any:
     return pd.DataFrame(list(strat_rows)).set_index("strategy")
 
 
+#: The marks of :func:`lost_facts_table` and :func:`summary_retention` (note 5).
+MARKS = {
+    "✓": "recalled: the fact was sent and the probe found it",
+    "(✓)": "right answer although the fact was never sent: a lucky guess",
+    "✗": "the fact was sent, but the probe missed it",
+    "–": "the strategy did not send it (dropped, or lost from the summary)",
+}
+
+
+def _mark(correct: bool, in_context: bool) -> str:
+    if correct:
+        return "✓" if in_context else "(✓)"
+    return "✗" if in_context else "–"
+
+
 def lost_facts_table(fact_rows: Iterable[dict[str, Any]]) -> Any:
-    """Fact × strategy table: "✓" recalled, "✗" lost (in context but missed), "–" not sent."""
+    """Fact × strategy table of :data:`MARKS`: recalled, lucky guess, missed, not sent."""
     import pandas as pd
 
     df = pd.DataFrame(list(fact_rows))
-
-    def mark(r: Any) -> str:
-        return "✓" if r.correct else ("✗" if r.in_context else "–")
-
-    df["mark"] = df.apply(mark, axis=1)
+    df["mark"] = [_mark(c, i) for c, i in zip(df["correct"], df["in_context"], strict=True)]
     order = list(dict.fromkeys(df["strategy"]))
     table = df.pivot_table(
         index=["turn", "fact"], columns="strategy", values="mark", aggfunc="first"
     )
     return table[order]
+
+
+# ── reading free answers (note 6) ─────────────────────────────────────────────
+
+#: Phrases that mark a reply as declining to answer (matched case-insensitively).
+REFUSAL_PHRASES: tuple[str, ...] = (
+    "i don't know",
+    "i do not know",
+    "don't remember",
+    "do not remember",
+    "can't remember",
+    "cannot remember",
+    "can't recall",
+    "cannot recall",
+    "unable to recall",
+    "unable to remember",
+    "not able to recall",
+    "no record",
+    "no information",
+    "not mentioned",
+    "haven't told",
+    "have not told",
+    "didn't tell",
+    "did not tell",
+    "didn't mention",
+    "did not mention",
+    "not sure",
+    "don't have access",
+    "do not have access",
+    "i'm unable",
+    "i am unable",
+    "i can't",
+    "i cannot",
+    "as an ai",
+)
+
+
+def _norm(text: str) -> str:
+    return text.replace("\u2019", "'").casefold()
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """True when ``phrase`` occurs in ``text`` as whole words, ignoring case."""
+    pattern = r"(?<!\w)" + re.escape(_norm(phrase)) + r"(?!\w)"
+    return re.search(pattern, _norm(text)) is not None
+
+
+@dataclass(frozen=True)
+class ReplyLabel:
+    """The label of a free-text reply about a fact, and why (note 6)."""
+
+    #: "correct", "refused" or "hallucinated".
+    label: str
+    #: What decided it, in words.
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.reason}"
+
+
+def label_reply(
+    reply: str, fact: Fact, *, refusal_phrases: Iterable[str] = REFUSAL_PHRASES
+) -> ReplyLabel:
+    """Label ``reply`` to ``fact``'s question: correct, refused or hallucinated (note 6)."""
+    wrong = [c for c in fact.candidates if c != fact.answer and mentions(reply, c)]
+    if wrong:
+        names = ", ".join(repr(c) for c in wrong)
+        return ReplyLabel("hallucinated", f"names {names}, not the true {fact.answer!r}")
+    if mentions(reply, fact.answer):
+        return ReplyLabel("correct", f"names the true answer {fact.answer!r}")
+    refusal = next((p for p in refusal_phrases if p in _norm(reply)), None)
+    if refusal is not None:
+        return ReplyLabel("refused", f"declines ({refusal!r}) and names no candidate")
+    return ReplyLabel("hallucinated", f"neither names {fact.answer!r} nor declines to answer")
+
+
+def kept_turns(conv: ScriptedConversation, messages: Iterable[Message]) -> list[int]:
+    """1-based numbers of the scripted turns whose user message is in ``messages``."""
+    sent = {message_text(m) for m in messages if m.get("role") == "user"}
+    return [i for i, (user, _a) in enumerate(conv.turns, 1) if user in sent]
+
+
+def ask_freely(
+    manager: ConversationManager, history: list[Message], facts: Iterable[Fact]
+) -> list[dict[str, Any]]:
+    """Ask each fact's question as a free question, from ``history`` each time; label the replies.
+
+    The manager's strategy chooses what is sent (the history is reloaded before each
+    question, so questions do not see each other). Rows: fact, turn, ``sent`` (the
+    answer's text was in the request), the reply in full, its label and the reason.
+    """
+    rows = []
+    for fact in facts:
+        manager.load_history(history)
+        reply = manager.chat(fact.probe)
+        sent = manager.last_selection.messages if manager.last_selection else []
+        verdict = label_reply(reply, fact)
+        rows.append(
+            {
+                "fact": fact.id,
+                "turn": fact.turn,
+                "question": fact.probe,
+                "answer": fact.answer,
+                "sent": in_context_probe(sent, manager.system_prompt, fact).correct,
+                "reply": reply,
+                "label": verdict.label,
+                "why": verdict.reason,
+            }
+        )
+    return rows
+
+
+# ── summarisation: what the summary kept ──────────────────────────────────────
+
+
+def summary_retention(
+    summary: str,
+    covers_turns: int,
+    facts: Iterable[Fact],
+    fact_rows: Iterable[dict[str, Any]] = (),
+    strategy: str = "",
+) -> list[dict[str, Any]]:
+    """Per fact stated in the summarised turns (1..``covers_turns``): is its answer in the
+    summary text, and what did the probe make of it (a :data:`MARKS` mark, from the
+    ``fact_rows`` of ``strategy``; empty when not given)?"""
+    probed = {r["fact"]: r for r in fact_rows if r["strategy"] == strategy}
+    rows = []
+    for fact in facts:
+        if fact.turn > covers_turns:
+            continue
+        r = probed.get(fact.id)
+        rows.append(
+            {
+                "fact": fact.id,
+                "turn": fact.turn,
+                "answer": fact.answer,
+                "in summary": mentions(summary, fact.answer),
+                "probe": _mark(r["correct"], r["in_context"]) if r else "",
+            }
+        )
+    return rows
+
+
+# ── conclusions from the per-strategy table ───────────────────────────────────
+
+
+def strategy_lines(table: Any, reference: str = "full history") -> list[str]:
+    """One line per strategy of a :func:`summary_table`: hits, what was sent, cost."""
+    ref_tokens = max(table.loc[reference, "total_tokens"], 1)
+    lines = []
+    for label, row in table.iterrows():
+        lines.append(
+            f"{label:>24}: {row.correct:.0f}/{row.facts:.0f} right "
+            f"({row.recalled_sent:.0f} recalled from what was sent, {row.lucky:.0f} lucky), "
+            f"facts sent {row.in_context:.0f}/{row.facts:.0f}, "
+            f"{row.prompt_tokens_per_turn:,.0f} prompt tokens/turn, "
+            f"{row.total_tokens / ref_tokens:.0%} of {reference}'s tokens, {row.time_s:.0f} s"
+        )
+    return lines
+
+
+def cheapest_keeping(
+    table: Any,
+    share: float = 0.75,
+    reference: str = "full history",
+    exclude: Iterable[str] = ("no history",),
+) -> Any:
+    """The cheapest strategy (fewest total tokens) that recalled, from what it sent, at
+    least ``share`` of what ``reference`` recalled; None when none did."""
+    partial = table.drop(index=[reference, *exclude], errors="ignore")
+    need = share * table.loc[reference, "recalled_sent"]
+    kept = partial[partial["recalled_sent"] >= need] if need > 0 else partial.iloc[0:0]
+    return kept.sort_values("total_tokens").iloc[0] if len(kept) else None
+
+
+def retention_conclusion(
+    table: Any,
+    *,
+    chance: float = 0.0,
+    share: float = 0.75,
+    reference: str = "full history",
+    floor: str = "no history",
+) -> str:
+    """The benchmark's conclusion in two or three sentences, computed from ``table``."""
+    full, none = table.loc[reference], table.loc[floor]
+    n = int(full.facts)
+    luck = f"; chance alone would give about {chance * n:.1f}" if chance else ""
+    first = (
+        f"With {floor} the probe got {none.correct:.0f}/{n} facts right, "
+        f"{none.lucky:.0f} of them by luck (facts never sent){luck}. "
+        f"With {reference} it recalled {full.recalled_sent:.0f}/{n} from what was sent, at "
+        f"{full.total_tokens / max(none.total_tokens, 1):.1f}× the tokens"
+        + (f" ({'above' if full.recall > chance else 'not above'} chance)." if chance else ".")
+    )
+    best = cheapest_keeping(table, share, reference, (floor,))
+    if best is None:
+        return first + f" No cheaper strategy kept {share:.0%} of {reference}'s recall on this run."
+    return first + (
+        f" The cheapest strategy keeping at least {share:.0%} of it was {best.name} "
+        f"({best.recalled_sent:.0f}/{n} at "
+        f"{best.total_tokens / max(full.total_tokens, 1):.0%} of {reference}'s tokens)."
+    )

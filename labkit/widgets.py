@@ -18,11 +18,16 @@ Notes:
    as :class:`ConversationManager` documents.
 3. The widget builds no client: it uses the clients its manager was given (the
    notebook passes them in), so building one starts nothing.
+4. A saved notebook keeps no widget state, so a widget's output is blank when the
+   file is read later. :meth:`ChatWidget.as_text` renders what the widget shows —
+   transcript, strategy, meter and status — as plain text to print beside it.
 """
 
 from __future__ import annotations
 
 import html
+import math
+import re
 from typing import Any
 
 import ipywidgets as widgets
@@ -68,6 +73,10 @@ def _bubble(role: str, text: str) -> str:
         f'<div class="labkit-{role}" style="{style}padding:6px 10px;border-radius:8px;'
         f'white-space:normal;"><b>{role}</b>: {body}</div>'
     )
+
+
+def _plain(markup: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
 
 
 class ChatWidget:
@@ -150,6 +159,19 @@ class ChatWidget:
             text = html.unescape(value.split("</b>: ", 1)[1].rsplit("</div>", 1)[0])
             out.append((role, text.replace("<br>", "\n")))
         return out
+
+    def as_text(self, width: int = 30) -> str:
+        """What the widget shows, as plain text (note 4): bubbles, strategy, meter, status."""
+        lines = [f"{role}: {text}" for role, text in self.transcript_text]
+        filled = math.ceil(width * self.meter.value / max(self.meter.max, 1))  # 1 char if > 0
+        bar = "#" * filled + "." * (width - filled)
+        lines += [
+            f"Strategy: {self.picker.value}",
+            f"Context [{bar}] {_plain(self.meter_label.value)}",
+        ]
+        if self.status.value:
+            lines.append(_plain(self.status.value))
+        return "\n".join(lines)
 
     # -- behaviour --------------------------------------------------------------
 

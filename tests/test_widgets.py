@@ -45,6 +45,20 @@ def test_widget_send_streams_the_reply_and_updates_the_meter(sim_clients):
     assert "input tokens" in widget.status.value
 
 
+def test_widget_as_text_shows_what_the_widget_shows(sim_clients):
+    widget = ChatWidget(ConversationManager(sim_clients, max_tokens=20), budget=8192)
+    widget.send("My name is Ajay.")
+    text = widget.as_text()
+    lines = text.splitlines()
+    assert lines[0] == "user: My name is Ajay."
+    assert lines[1].startswith("assistant: ") and widget.manager.history[-1].content in text
+    assert f"Strategy: {widget.picker.value}" in lines
+    tokens = f"{widget.meter.value:,} / 8,192 tokens"
+    assert any(line.startswith("Context [#") and tokens in line for line in lines)
+    assert "<" not in text.replace("<br>", ""), "no markup left"
+    assert "input tokens" in lines[-1]
+
+
 def test_widget_shows_an_upstream_error_and_keeps_no_turn(sim_clients):
     sim_clients.anthropic = sim_clients.anthropic.with_options(
         default_headers={"x-labkit-sim": "fail_after=1;fail_with=api_error"}
