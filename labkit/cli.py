@@ -222,23 +222,25 @@ def ttft(
 # ── sessions and chat (labkit.store) ──────────────────────────────────────────
 
 sessions_app = typer.Typer(
-    help="List, show and delete stored chat sessions (SQLite by default, Redis by URL).",
+    help="List, show and delete stored chat sessions (SQLite by default; Redis, PostgreSQL or Redis + an archive by URL).",
     no_args_is_help=True,
 )
 app.add_typer(sessions_app, name="sessions")
-_STORE_HELP = "Store URL: sqlite:///path.db or redis://host:port/db (default: $LABKIT_STORE, else sqlite:///conversations.db)."
+_STORE_HELP = "Store URL: sqlite:///path.db, redis://host:port/db or postgresql://user@host:port/db (default: $LABKIT_STORE, else sqlite:///conversations.db)."
+_ARCHIVE_HELP = "Durable archive behind a Redis --store: sqlite:///path.db or postgresql://user@host:port/db (default: $LABKIT_ARCHIVE)."
 
 
 @sessions_app.command("list")
 @friendly_errors
 def sessions_list(
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    archive: str = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List sessions, most recently updated first."""
+    """List sessions, most recently updated first (from the archive, if there is one)."""
     from .chat.sessions_cli import print_session_list
 
-    print_session_list(store, as_json=as_json)
+    print_session_list(store, as_json=as_json, archive=archive)
 
 
 @sessions_app.command("show")
@@ -246,12 +248,13 @@ def sessions_list(
 def sessions_show(
     session_id: str = typer.Argument(..., help="The session id (32 hex characters)."),
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    archive: str = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (info, summary, turns)."),
 ) -> None:
     """Show one session: its stats, summary and every turn."""
     from .chat.sessions_cli import print_session
 
-    print_session(store, session_id, as_json=as_json)
+    print_session(store, session_id, as_json=as_json, archive=archive)
 
 
 @sessions_app.command("delete")
@@ -259,11 +262,12 @@ def sessions_show(
 def sessions_delete(
     session_id: str = typer.Argument(..., help="The session id (32 hex characters)."),
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    archive: str = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
 ) -> None:
     """Delete a session with its turns and summary."""
     from .chat.sessions_cli import delete_session
 
-    delete_session(store, session_id)
+    delete_session(store, session_id, archive=archive)
 
 
 @app.command()
@@ -273,10 +277,12 @@ def chat(
         None, "--session", help="Resume this session id (see `labkit sessions list`)."
     ),
     store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    archive: str = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
     ttl: int = typer.Option(
         600,
         "--ttl",
-        help="Redis only: seconds of inactivity before the session expires (0 = never).",
+        help="Redis only: seconds of inactivity before the session expires (0 = never);"
+        " with --archive it then lives on in the archive.",
     ),
     summarise: bool = typer.Option(
         False, "--summarise", help="Fold history into a persisted summary past 20 turns."
@@ -298,6 +304,7 @@ def chat(
     run_chat(
         session_id=session,
         store_url=store,
+        archive_url=archive,
         ttl=ttl,
         summarise=summarise,
         system=system,
@@ -317,11 +324,8 @@ def chat(
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="Port (0: any free port, printed at start)."),
-    store: str = typer.Option(
-        None,
-        "--store",
-        help="sqlite:///path.db or redis://host:port/db (default $LABKIT_STORE, else sqlite:///conversations.db).",
-    ),
+    store: str = typer.Option(None, "--store", help=_STORE_HELP),
+    archive: str = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
     ttl: int = typer.Option(None, "--ttl", help="Redis session TTL in seconds."),
     provider: str = typer.Option(None, "--provider", help="local (default), anthropic or openai."),
     base_url: str = typer.Option(
@@ -400,6 +404,7 @@ def serve(
         err.print(f"[bold red]warning:[/] {warning}")
     settings = Settings(
         store_url=store,
+        store_archive=archive,
         store_ttl=ttl,
         provider=provider,
         base_url=base_url,

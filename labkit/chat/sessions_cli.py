@@ -32,17 +32,20 @@ def _out() -> Console:
     return Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
-def print_session_list(url: str | None, *, as_json: bool = False) -> None:
-    with open_store(url) as store:
+def print_session_list(
+    url: str | None, *, as_json: bool = False, archive: str | None = None
+) -> None:
+    with open_store(url, archive=archive) as store:
         sessions = store.list_sessions()
+        where = getattr(store, "archive_url", None) or resolve_store_url(url)
     if as_json:
         print(json.dumps([s.to_dict() for s in sessions], indent=2))
         return
     out = _out()
     if not sessions:
-        out.print(f"No sessions in {resolve_store_url(url)}. Start one with `labkit chat`.")
+        out.print(f"No sessions in {where}. Start one with `labkit chat`.")
         return
-    table = Table(title=f"{len(sessions)} session(s) in {resolve_store_url(url)}")
+    table = Table(title=f"{len(sessions)} session(s) in {where}")
     for col in ("id", "turns", "in tok", "out tok", "updated (UTC)", "age", "system prompt"):
         numeric = col in {"turns", "in tok", "out tok"}
         table.add_column(col, no_wrap=col == "id", justify="right" if numeric else "left")
@@ -60,8 +63,10 @@ def print_session_list(url: str | None, *, as_json: bool = False) -> None:
     out.print(table)
 
 
-def print_session(url: str | None, session_id: str, *, as_json: bool = False) -> None:
-    with open_store(url) as store:
+def print_session(
+    url: str | None, session_id: str, *, as_json: bool = False, archive: str | None = None
+) -> None:
+    with open_store(url, archive=archive) as store:
         info = store.get_session(session_id)
         summary = store.get_summary(session_id)
         turns = store.load_turns(session_id)
@@ -94,8 +99,8 @@ def print_session(url: str | None, session_id: str, *, as_json: bool = False) ->
         out.print(t.assistant, markup=False, highlight=False)
 
 
-def delete_session(url: str | None, session_id: str) -> None:
-    with open_store(url) as store:
+def delete_session(url: str | None, session_id: str, *, archive: str | None = None) -> None:
+    with open_store(url, archive=archive) as store:
         if not store.delete_session(session_id):
             raise SessionNotFoundError(session_id)
     _out().print(f"Deleted session {session_id}.")

@@ -38,6 +38,7 @@ def run_chat(
     *,
     session_id: str | None = None,
     store_url: str | None = None,
+    archive_url: str | None = None,
     ttl: int | None = None,
     summarise: bool = False,
     system: str | None = None,
@@ -54,7 +55,7 @@ def run_chat(
     ask = read or input
     echo = read is None and not sys.stdin.isatty()  # piped input: show what was "typed"
     url = resolve_store_url(store_url)
-    store = open_store(url, ttl=ttl)
+    store = open_store(url, ttl=ttl, archive=archive_url)
     try:
         clients = client(provider, model=model, base_url=base_url, engine=engine)
         chat = ChatSession(
@@ -65,7 +66,9 @@ def run_chat(
             summarise=summarise,
             max_tokens=max_tokens,
         )
-        _banner(out, chat, url, clients, system, engine if base_url is None else None)
+        archived = getattr(store, "archive_url", None)
+        shown = f"{url} + archive {archived}" if archived else url
+        _banner(out, chat, shown, clients, system, engine if base_url is None else None)
         while True:
             try:
                 line = ask("you> ")

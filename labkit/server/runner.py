@@ -135,6 +135,7 @@ class ChatServer:
         cmd += ["--port", str(self.port)]
         flags = {
             "store_url": "--store",
+            "store_archive": "--archive",
             "store_ttl": "--ttl",
             "provider": "--provider",
             "base_url": "--base-url",

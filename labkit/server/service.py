@@ -145,7 +145,9 @@ class ChatService:
         from ..store import open_store
 
         s = self.settings
-        self.store = await self._io(open_store, s.store_url, ttl=s.store_ttl)
+        self.store = await self._io(
+            open_store, s.store_url, ttl=s.store_ttl, archive=s.store_archive
+        )
         mode = s.store_io
         if mode == "auto":
             mode = "inline" if str(self.store.url).startswith("sqlite") else "thread"
@@ -177,13 +179,20 @@ class ChatService:
         self._pool.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
-        """What ``/health`` reports: the model API and the store URL (passwords redacted)."""
+        """What ``/health`` reports: the model API and the store URL (passwords redacted),
+        and, for the tiered store, whether Redis is up and where reads were served from."""
         upstream = self.model_api.describe() if self.model_api else {}
         store = getattr(self.store, "url", None)
-        return {
+        out = {
             "upstream": {k: redact(v) if isinstance(v, str) else v for k, v in upstream.items()},
             "store": redact(store) if store else store,
         }
+        if hasattr(self.store, "stats"):
+            stats = self.store.stats()
+            out["store_stats"] = {
+                k: redact(v) if isinstance(v, str) else v for k, v in stats.items()
+            }
+        return out
 
     # ── validation (note 6) ───────────────────────────────────────────────────
 

@@ -40,6 +40,8 @@ class Settings:
 
     #: Store URL (``sqlite:///path.db`` or ``redis://host:port/db``); None → $LABKIT_STORE → sqlite:///conversations.db.
     store_url: str | None = None
+    #: Durable archive behind a Redis store (``sqlite:///…`` or ``postgresql://…``); None → $LABKIT_ARCHIVE → none.
+    store_archive: str | None = None
     #: Redis TTL in seconds (None: the store's default).
     store_ttl: int | None = None
     #: "local" (default), "anthropic" or "openai"; None → $LABKIT_PROVIDER → local.
