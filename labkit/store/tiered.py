@@ -77,7 +77,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -627,6 +627,51 @@ class TieredStore(SessionStore):
             self._mirror(keys=self._keys(session_id), args=args)
 
         return self._write(session_id, commit, finish)
+
+    def bulk_append(
+        self, turns: Iterable[tuple[str, str, str, int, int]], *, batch: int = 500
+    ) -> int:
+        """Append many ``(session_id, user, assistant, input_tokens, output_tokens)`` turns
+        (for seeding and benchmarks) through the archive's own ``bulk_append``.
+
+        The sessions written are announced first and their Redis copies dropped after the
+        archive committed (they rehydrate on their next read), as for any write (rule 6).
+        Turns of unknown sessions are skipped. Returns how many turns were stored.
+        """
+        rows = list(turns)
+        sids = sorted({validate_session_id(r[0]) for r in rows})
+        token = uuid.uuid4().hex
+        announced = False
+        if self._redis_ok():
+            try:
+                with self._r.pipeline(transaction=False) as pipe:
+                    for sid in sids:
+                        pipe.zadd(self._keys(sid)[5], {token: time.time() + WRITE_WINDOW_S})
+                        pipe.pexpire(self._keys(sid)[5], int(WRITE_WINDOW_S * 1000) + 1000)
+                    pipe.execute()
+                announced = True
+            except redis_py.RedisError as exc:
+                self._redis_failed(exc)
+        try:
+            stored = self.archive.bulk_append(rows, batch=batch)  # type: ignore[attr-defined]
+        finally:
+            dropped = False
+            if announced:
+                try:
+                    with self._r.pipeline(transaction=False) as pipe:
+                        for sid in sids:
+                            meta, turns_key, index, fill, _ver, writing = self._keys(sid)
+                            pipe.delete(meta, turns_key, fill)
+                            pipe.zrem(index, sid)
+                            pipe.zrem(writing, token)
+                        pipe.execute()
+                    dropped = True
+                except redis_py.RedisError as exc:
+                    self._redis_failed(exc)
+            if not dropped:
+                for sid in sids:
+                    self._mark_stale(sid)
+        return stored
 
     def load_turns(self, session_id: str, last_n_turns: int = 0) -> list[TurnRecord]:
         last_n = check_last_n(last_n_turns)
