@@ -3,6 +3,7 @@ local API, sessions in a real SQLite file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,39 @@ def test_redis_store_saves_resumes_and_expires_after_ttl(redis_store_url, chat_s
             store.get_session(gone)
     res = chat(url, chat_sim, "--session", gone, stdin="hello?\n")
     assert res.returncode != 0 and "labkit sessions list" in (res.stdout + res.stderr)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_redis_with_a_postgres_archive_resumes_after_the_redis_key_expires(
+    redis_store_url, postgres_store_url, fast_sim
+):
+    from labkit.store.redis import RedisStore
+
+    url, archive = redis_store_url, postgres_store_url
+    first = chat(url, fast_sim, "--archive", archive, "--ttl", "1", stdin="My name is Ada.\n")
+    assert first.returncode == 0, first.stderr
+    sid = _session_id(first.stdout)
+    assert f"+ archive {archive}" in first.stdout
+    cache = RedisStore(url)
+    deadline = time.monotonic() + 10
+    while cache.exists(sid) and time.monotonic() < deadline:  # the Redis copy expires...
+        time.sleep(0.1)
+    assert not cache.exists(sid)
+    again = chat(url, fast_sim, "--archive", archive, "--session", sid, stdin="What is my name?\n")
+    assert again.returncode == 0, again.stderr
+    assert f"session {sid} (resumed, 1 turns)" in again.stdout  # ...the archive still had it
+    with open_store(archive) as truth:
+        turns = truth.load_turns(sid)
+    assert [t.user for t in turns] == ["My name is Ada.", "What is my name?"]
+    assert turns[1].input_tokens > turns[0].input_tokens  # the first turn was sent again
+    assert cache.get_session(sid).turn_count == 2  # rehydrated, then the new turn mirrored
+    listed = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "sessions", "list", "--store", url,
+         "--archive", archive, "--json"],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["id"]: r["turn_count"] for r in json.loads(listed.stdout)}
+    assert rows == {sid: 2}
+    cache.close()

@@ -249,11 +249,24 @@ def test_second_request_on_a_busy_session_gets_409(slow_sim, make_chat):
     assert [m["content"] for m in hist["messages"][::2]] == ["hi", "slow one"]
 
 
-@pytest.mark.redis
-def test_two_server_processes_sharing_redis_never_interleave(slow_sim, make_chat, redis_store_url):
+@pytest.mark.parametrize(
+    "shared",
+    [
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis+postgres", marks=[pytest.mark.redis, pytest.mark.postgres]),
+    ],
+)
+def test_two_server_processes_sharing_a_store_never_interleave(slow_sim, make_chat, request, shared):
+    """Two `labkit serve` processes on one Redis, one PostgreSQL, or Redis in front of a
+    PostgreSQL archive (--archive): one set of sessions, and the 409 rule across them."""
     api = slow_sim
-    a = make_chat(api, store_url=redis_store_url)
-    b = make_chat(api, store_url=redis_store_url)
+    cache, _, archive = shared.partition("+")
+    settings = {"store_url": request.getfixturevalue(f"{cache}_store_url")}
+    if archive:
+        settings["store_archive"] = request.getfixturevalue(f"{archive}_store_url")
+    a = make_chat(api, **settings)
+    b = make_chat(api, **settings)
     with ChatClient(a.url) as ca, ChatClient(b.url) as cb:
         sid = ca.chat("new", "hello from A")["session_id"]
         assert cb.history(sid)["turn_count"] == 1  # one store
@@ -271,6 +284,14 @@ def test_two_server_processes_sharing_redis_never_interleave(slow_sim, make_chat
         msgs = ca.history(sid)["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
     assert [m["content"] for m in msgs[::2]] == ["hello from A", "slow one", "from B after A"]
+    if archive:  # every turn is in the archive, the truth behind Redis
+        from labkit.store import open_store
+
+        stats = httpx.get(a.url + "/health").json()["store_stats"]
+        assert stats["redis"] == "up" and stats["archive"] == settings["store_archive"]
+
+        with open_store(settings["store_archive"]) as truth:
+            assert truth.load_history(sid) == msgs
 
 
 # ── bad input: 4xx JSON, nothing stored ──────────────────────────────────────
