@@ -382,3 +382,21 @@ def test_unknown_session_is_not_found_and_leaves_no_key(redis_store_url, archive
         store.load_history("0" * 32)
     assert list(store.cache.redis.scan_iter(match=store.cache.namespace + "*")) == []
     store.close()
+
+
+@pytest.mark.postgres
+def test_compare_durable_stores_times_postgres_and_tiered_loads_hot_and_expired(
+    redis_url, postgres_url
+):
+    from labkit.bench.tiered import compare_durable_stores
+
+    rows = compare_durable_stores(
+        sessions=5, turns=3, samples=6, postgres_url=postgres_url, redis_url=redis_url,
+        log=lambda s: None,
+    )  # fmt: skip
+    got = {(r["store"], r["op"]): r for r in rows}
+    assert set(got) == {
+        ("labkit postgres", "load"), ("labkit postgres", "append"),
+        ("labkit tiered", "load"), ("labkit tiered", "load expired"), ("labkit tiered", "append"),
+    }  # fmt: skip
+    assert all(r["n"] == 6 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
