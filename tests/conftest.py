@@ -159,6 +159,13 @@ def llama_api() -> Iterator[object]:
 # (owned by the store area)
 
 
+@pytest.fixture(autouse=True)
+def _no_archive_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LABKIT_ARCHIVE exported in the developer's shell must not turn every store the
+    tests open into a tiered one (the tiered fixtures below set it for their tests)."""
+    monkeypatch.delenv("LABKIT_ARCHIVE", raising=False)
+
+
 def _redis_namespaced(base: str, namespace: str, **params: str) -> str:
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 

@@ -431,6 +431,19 @@ def _append_forever(url: str, sid: str, progress) -> None:
         i += 1
 
 
+def _settled(store, sid: str, limit_s: float = 10.0):
+    """(info, turns) read while the turn count holds still: a server (Redis, PostgreSQL)
+    may still commit a statement a killed client had already sent."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = store.get_session(sid).turn_count
+        turns = store.load_turns(sid)
+        info = store.get_session(sid)
+        if info.turn_count == before or time.monotonic() > deadline:
+            return info, turns
+        time.sleep(0.05)
+
+
 def test_sigkill_during_appends_never_leaves_a_half_turn(store_url):
     store = open_store(store_url)
     sid = store.create_session().id
@@ -445,8 +458,7 @@ def test_sigkill_during_appends_never_leaves_a_half_turn(store_url):
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
         assert child.exitcode == -signal.SIGKILL
-    turns = store.load_turns(sid)
-    info = store.get_session(sid)
+    info, turns = _settled(store, sid)
     assert info.turn_count == len(turns) >= 8
     assert [t.index for t in turns] == list(range(len(turns)))
     for t in turns:

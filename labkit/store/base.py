@@ -1,4 +1,4 @@
-"""The session store contract: what every backend (SQLite, Redis) promises.
+"""The session store contract: what every backend (SQLite, Redis, PostgreSQL, tiered) promises.
 
 A *session* is one conversation: its system prompt, the model it talks to, and an
 ordered list of *turns* (one user message and the assistant reply to it). A store

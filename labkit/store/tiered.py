@@ -24,9 +24,9 @@ Failure rules (deliberate choices):
 
 1. **Archive down → the turn is refused.** ``append_turn`` (and ``create_session``,
    ``set_summary``, ``delete_session``, ``turn_lock``, ``list_sessions``) raise
-   :class:`~labkit.errors.StoreUnavailableError` and Redis is not touched: a turn is
-   never acknowledged on Redis alone, and nothing is half stored (the archive's write
-   is one transaction). ``labkit serve`` answers 503 or an error event; ``labkit chat``
+   :class:`~labkit.errors.StoreUnavailableError` and Redis keeps nothing of the write
+   (its announcement, rule 6, is withdrawn): a turn is never acknowledged on Redis
+   alone, and nothing is half stored (the archive's write is one transaction). ``labkit serve`` answers 503 or an error event; ``labkit chat``
    prints the error and keeps the turn unsaved. Reads of a session whose copy is in
    Redis still succeed (they show only acknowledged turns).
 2. **Redis down → serve from the archive.** A Redis error on any call is logged once
@@ -52,7 +52,9 @@ Failure rules (deliberate choices):
    then commits to the archive, then updates Redis and withdraws its announcement in
    one script. While a write is announced, reads of that session bypass Redis and go
    to the archive (the copy may lag the archive only then), so a reader that saw a
-   turn never sees a copy without it afterwards. Rehydration takes a lease (``SET …
+   turn never sees a copy without it afterwards. (An announcement left by a process
+   killed mid-write sends that session's reads to the archive until its deadline; a
+   write slower than the deadline loses this guarantee, not its turn.) Rehydration takes a lease (``SET …
    NX PX`` on ``fill``) before reading the archive and writes the copy only if the
    lease is still its own (every write deletes it) and no write is in flight. Writers
    also record in ``ver`` the turn count they committed (and a new summary's coverage,
