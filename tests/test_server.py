@@ -257,7 +257,9 @@ def test_second_request_on_a_busy_session_gets_409(slow_sim, make_chat):
         pytest.param("redis+postgres", marks=[pytest.mark.redis, pytest.mark.postgres]),
     ],
 )
-def test_two_server_processes_sharing_a_store_never_interleave(slow_sim, make_chat, request, shared):
+def test_two_server_processes_sharing_a_store_never_interleave(
+    slow_sim, make_chat, request, shared
+):
     """Two `labkit serve` processes on one Redis, one PostgreSQL, or Redis in front of a
     PostgreSQL archive (--archive): one set of sessions, and the 409 rule across them."""
     api = slow_sim
