@@ -42,8 +42,8 @@ Notes:
       Pass ``settings`` to override any server setting.
    d. :meth:`ThrowawayPostgres.stop` asks for a *fast* shutdown (SIGINT: open
       connections are closed; a *smart* one would wait for every client to hang up);
-      :meth:`ThrowawayPostgres.kill` (SIGKILL to the server's process group, backends
-      included) is what a crash looks like to clients.
+      :meth:`ThrowawayPostgres.kill` (SIGKILL to the server and every backend) is what
+      a crash looks like to clients.
    e. :func:`create_database` gives each test a fresh, empty database on one shared
       server (about 15 ms each here) instead of a server per test.
 """
@@ -250,6 +250,19 @@ def postgres_binaries() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (Linux ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append(int(stat.parent.name))
+    return out
+
+
 def _run_as() -> tuple[int, int] | None:
     """(uid, gid) to run the server as when we are root (note 3b), else None."""
     if os.geteuid() != 0:
@@ -366,7 +379,6 @@ class ThrowawayPostgres:
                     stderr=subprocess.STDOUT,
                     cwd=self._dir,
                     preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
-                    start_new_session=True,  # its own process group: kill() takes the backends too
                     **kw,
                 )
             url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
@@ -415,13 +427,25 @@ class ThrowawayPostgres:
         self.port = None
 
     def kill(self) -> None:
-        """SIGKILL the server and its backends at once (what a crash of the machine looks
-        like to clients); the data stays until :meth:`stop`."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
+        """SIGKILL the server and every backend at once (what a crash of its machine looks
+        like to clients); the data stays until :meth:`stop`.
+
+        Each backend runs in a session of its own (PostgreSQL calls ``setsid()`` in every
+        child), so killing the process group would leave them serving open connections
+        until they notice; they are found through ``/proc`` instead. The server is
+        stopped first (SIGSTOP) so that it forks nothing meanwhile.
+        """
+        if self.process is None:
+            return
+        pid = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            for child in _children(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
 
     def __enter__(self) -> ThrowawayPostgres:
         self.start()
