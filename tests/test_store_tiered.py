@@ -400,3 +400,17 @@ def test_compare_durable_stores_times_postgres_and_tiered_loads_hot_and_expired(
         ("labkit tiered", "load"), ("labkit tiered", "load expired"), ("labkit tiered", "append"),
     }  # fmt: skip
     assert all(r["n"] == 6 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+
+
+@pytest.mark.postgres
+def test_passwords_in_urls_never_reach_repr_stats_or_logs(postgres_store_url, caplog):
+    archive = postgres_store_url.replace("postgres@", "postgres:s3cret@", 1)  # trust auth
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = s.getsockname()[1]
+    store = open_store(f"redis://:r3dis@127.0.0.1:{nowhere}/0", archive=archive)
+    store.create_session()  # Redis unreachable: logged, served by the archive
+    shown = repr(store) + str(store.stats()) + caplog.text
+    assert store.stats()["redis"] == "down" and "serving sessions from the archive" in caplog.text
+    assert "s3cret" not in shown and "r3dis" not in shown and "postgres:***@" in shown
+    store.close()
