@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	    "llama-cpp-python==$(LLAMA_VERSION)" -w "$(LLAMA_WHEELS)"; \
 	fi
 	@echo "Installing labkit and its dependencies into $(VENV)..."
-	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test]"
+	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test,interop]"
 	@$(PY) -c "import llama_cpp"
 	@# A named kernel for this venv, so the committed notebooks open on it in JupyterLab.
 	$(PY) -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)" >/dev/null
