@@ -331,3 +331,26 @@ def test_llama_json_cut_by_max_tokens_says_max_tokens(llama_api):
         tool_choice={"type": "any"},
     )
     assert msg.stop_reason == "max_tokens" and msg.content[0].type == "tool_use"
+
+
+@pytest.mark.llama
+def test_llama_count_tokens_counts_the_forced_tool_prompt(llama_api):
+    client = claude(llama_api)
+    forced = {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}}
+    counted = client.messages.count_tokens(model=MODEL_ID, messages=ASK, **forced).input_tokens
+    plain = client.messages.count_tokens(model=MODEL_ID, messages=ASK).input_tokens
+    msg = client.messages.create(
+        model=MODEL_ID,
+        max_tokens=30,
+        messages=ASK,
+        extra_headers={"x-labkit-cache": "off"},
+        **forced,
+    )
+    assert counted > plain and counted == msg.usage.input_tokens
+
+
+def test_count_tokens_refuses_what_messages_refuse(sim_api):
+    with pytest.raises(anthropic.BadRequestError, match="thinking"):
+        claude(sim_api).messages.count_tokens(
+            model=MODEL_ID, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024}
+        )

@@ -478,8 +478,14 @@ def create_app(
         if not isinstance(model, str) or not model:
             raise EngineError("invalid_request_error", "model: Field required")
         check_model(model)
-        system, msgs, prefill = anthropic_wire.parse_messages(body)
-        req = GenerationRequest(system=system, messages=msgs, max_tokens=1, prefill=prefill)
+        if "max_tokens" in body or "stream" in body:
+            key = "max_tokens" if "max_tokens" in body else "stream"
+            raise EngineError("invalid_request_error", f"{key}: Extra inputs are not permitted")
+        # the same fields as a Messages request: tools, tool_choice and output_config change
+        # the prompt fed to the model (a forced tool's instruction), so they are counted
+        _, req = anthropic_wire.parse_messages_request(
+            {**body, "max_tokens": 1}, **request_options(request)
+        )
         return JSONResponse({"input_tokens": engine.count_tokens(req)})
 
     @api.post("/v1/chat/completions")
