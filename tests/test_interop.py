@@ -4,11 +4,14 @@ ignores ``stream_options.include_usage`` and ``x-labkit-cache``, so these tests 
 that ``labkit ttft``, ``labkit chat`` and ``labkit serve`` label what they could not
 measure instead of reporting zeros or a cache state nobody acknowledged.
 
-The cache report itself is unit-tested here on rows (fast)."""
+The cache report itself is unit-tested here on rows (fast), and so is the timing
+wrapper's verdict on a server that breaks the Anthropic streaming protocol (a stream
+replayed through the SDK's own HTTP transport: no server)."""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import os
 import socket
@@ -80,6 +83,71 @@ def test_labkit_local_api_acknowledges_cache_off(sim_clients):
     )
     assert rows[0]["server_cache"] == "off"
     assert cache_report(rows, cache=False)[0] == "off"
+
+
+# ── a server that breaks the protocol (llama-server's missing message_start) ──
+
+_NO_MESSAGE_START = (
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+def _replaying_anthropic(body: bytes, *, is_async: bool = False):
+    """An Anthropic SDK client whose every request is answered with ``body`` (no server)."""
+    import anthropic
+
+    root = next(
+        c.__module__.partition(".")[0]
+        for c in anthropic.DefaultHttpxClient.__mro__
+        if c.__module__.startswith("httpx")
+    )
+    hx = importlib.import_module(root)  # httpx, or its fork httpx2 in the late-2026 SDKs
+
+    def answer(request):
+        return hx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    if is_async:
+        http = anthropic.DefaultAsyncHttpxClient(transport=hx.MockTransport(answer))
+        cls = anthropic.AsyncAnthropic
+    else:
+        http = anthropic.DefaultHttpxClient(transport=hx.MockTransport(answer))
+        cls = anthropic.Anthropic
+    return cls(api_key="x", base_url="http://replay.invalid", http_client=http, max_retries=0)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_timing_names_a_stream_without_message_start():
+    from labkit.errors import UpstreamError
+    from labkit.timing import timed
+
+    client = _replaying_anthropic(_NO_MESSAGE_START)
+    ctx = timed(client.messages.stream(model="m", max_tokens=5, messages=HI))
+    with (
+        pytest.raises(
+            UpstreamError, match="sent content_block_start before any message_start"
+        ) as info,
+        ctx as stream,
+    ):
+        assert "".join(stream.text_stream) == "Hello"  # the text still arrives
+        stream.get_final_message()  # the SDK's bare AssertionError, named
+    assert info.value.kind == "protocol_error" and ctx.timing.error == "UpstreamError"
+
+
+async def test_timing_names_an_async_stream_without_message_start():
+    from labkit.errors import UpstreamError
+    from labkit.timing import timed
+
+    client = _replaying_anthropic(_NO_MESSAGE_START, is_async=True)
+    with pytest.raises(UpstreamError, match="before any message_start"):
+        async with timed(client.messages.stream(model="m", max_tokens=5, messages=HI)) as stream:
+            await stream.get_final_message()
 
 
 # ── llama_cpp.server ─────────────────────────────────────────────────────────
