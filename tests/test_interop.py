@@ -245,6 +245,11 @@ def test_chat_on_llama_cpp_server_stores_a_labelled_estimate(peer, tmp_path):
     assert turn.assistant.strip()
     assert turn.meta["usage_source"] == "tiktoken_estimate"
     assert turn.input_tokens > 0 and turn.output_tokens > 0
+    show = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "sessions", "show", session.id, "--store", url],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
+    assert "1 turn(s) estimated" in " ".join(show.stdout.split()), show.stdout + show.stderr
 
 
 @pytest.mark.slow
