@@ -478,11 +478,9 @@ def create_app(
         if not isinstance(model, str) or not model:
             raise EngineError("invalid_request_error", "model: Field required")
         check_model(model)
-        if "max_tokens" in body or "stream" in body:
-            key = "max_tokens" if "max_tokens" in body else "stream"
-            raise EngineError("invalid_request_error", f"{key}: Extra inputs are not permitted")
         # the same fields as a Messages request: tools, tool_choice and output_config change
-        # the prompt fed to the model (a forced tool's instruction), so they are counted
+        # the prompt fed to the model (a forced tool's instruction), so they are counted;
+        # max_tokens and stream, which change no count, are taken and not needed
         _, req = anthropic_wire.parse_messages_request(
             {**body, "max_tokens": 1}, **request_options(request)
         )
