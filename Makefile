@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.labkit-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 PYTEST_ARGS ?=
 
-.PHONY: help install labs lab test test-fast lint bench peer browser-deps clean
+.PHONY: help install labs lab test test-fast matrix lint bench peer browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	    "llama-cpp-python==$(LLAMA_VERSION)" -w "$(LLAMA_WHEELS)"; \
 	fi
 	@echo "Installing labkit and its dependencies into $(VENV)..."
-	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test]"
+	$(PY) -m pip install --progress-bar off --find-links "$(LLAMA_WHEELS)" -e ".[test,interop]"
 	@$(PY) -c "import llama_cpp"
 	@# A named kernel for this venv, so the committed notebooks open on it in JupyterLab.
 	$(PY) -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)" >/dev/null
@@ -74,6 +74,11 @@ test: $(STAMP) browser-deps lint  ## run the whole test suite, notebooks include
 
 test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser, no notebooks
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not slow and not llama and not browser" tests
+
+# The provider matrix: every notebook in quick mode with LABKIT_PROVIDER=anthropic and =openai,
+# each aimed by base URL at a local llama API (make test runs notebook 01 for each provider).
+matrix: $(STAMP)  ## run every notebook as a key-holder would (anthropic and openai paths, local API behind)
+	LABKIT_MATRIX=all $(PY) -m pytest -p no:cacheprovider -ra -m matrix tests/test_provider_matrix.py
 
 LINT_PATHS := labkit tests benchmarks $(wildcard solutions)
 lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)

@@ -148,7 +148,7 @@ def ttft(
 
     from rich.table import Table
 
-    from .bench.lab1 import load_prompts, per_prompt_table, run_trials
+    from .bench.lab1 import cache_report, load_prompts, per_prompt_table, run_trials
     from .errors import ConfigurationError
     from .providers import client
 
@@ -180,9 +180,10 @@ def ttft(
             writer.writeheader()
             writer.writerows(rows)
     d = clients.describe()
+    cache_state, cache_warnings = cache_report(rows, cache=cache == "on")
     table = Table(
         title=f"TTFT — {d['provider']} {d['model']} ({d.get('engine') or d.get('base_url') or 'default'}), "
-        f"medians of {trials} trial(s), concurrency {concurrency}, cache {cache}"
+        f"medians of {trials} trial(s), concurrency {concurrency}, cache {cache_state}"
     )
     for col in (
         "prompt",
@@ -209,6 +210,8 @@ def ttft(
             fmt(r["itl_p50_ms"], ".2f"),
         )
     Console().print(table)
+    for warning in cache_warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
     errors = [r for r in rows if r.get("error")]
     if errors:
         err.print(

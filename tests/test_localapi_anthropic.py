@@ -176,6 +176,7 @@ def test_missing_max_tokens_gets_400(sim_api):
     assert r.json() == {
         "type": "error",
         "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+        "request_id": r.headers["request-id"],
     }
 
 

@@ -33,6 +33,13 @@ Notes:
    non-streamed reply is visible within :data:`FLOW_LIMIT_MS` (the rubric's 1 s
    step); :func:`crossover_tokens` fits total time against output tokens to say at
    what length the non-streamed wait crosses that limit.
+7. **Only the cache state the server acknowledged is claimed.** labkit's local API
+   echoes the state it applied in an ``x-labkit-cache`` response header (each stream
+   row's ``server_cache``); other servers ignore the request header and say nothing.
+   :func:`cache_report` then calls the state *unknown*, and warns when a run asked
+   for a cold cache looks cached: cached prompt tokens reported, or a prompt whose
+   whole non-streamed reply came back faster than its streamed first token (which a
+   cold prompt cannot do: both must read the prompt first).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ __all__ = [
     "UX_BANDS",
     "Prompt",
     "apply_ratings",
+    "cache_report",
     "crossover_tokens",
     "default_prompts_path",
     "key_insight",
@@ -507,3 +515,48 @@ def key_insight(
             f"matter (single prompts scatter around it; the table has them)."
         )
     return out
+
+
+def cache_report(rows: Sequence[dict[str, Any]], *, cache: bool) -> tuple[str, list[str]]:
+    """``(state, warnings)`` for a run of :func:`run_trials` rows (note 7).
+
+    ``state`` is what may be claimed: ``"off"``/``"on"`` when every answering stream
+    row's server acknowledged it, else ``"on/off requested, unknown (the server did not
+    acknowledge x-labkit-cache)"``. ``warnings`` say why a cold run looks cached.
+    """
+    asked = "on" if cache else "off"
+    acks = {
+        r.get("server_cache") or ""
+        for r in rows
+        if r.get("mode") == "stream" and not r.get("error")
+    }
+    warnings: list[str] = []
+    if acks == {asked}:
+        state = asked
+    elif acks and "" not in acks:
+        state = f"{asked} requested, but the server applied {'/'.join(sorted(acks))}"
+        warnings.append(
+            f"The server answered x-labkit-cache: {'/'.join(sorted(acks))} to a request for {asked}."
+        )
+    else:
+        state = f"{asked} requested, unknown (the server did not acknowledge x-labkit-cache)"
+    if not cache and state != "off":
+        cached = [r for r in rows if (r.get("cached_tokens") or 0) > 0 and not r.get("error")]
+        if cached:
+            warnings.append(
+                f"{len(cached)} request(s) reported cached prompt tokens: this cold run was "
+                "partly served from the server's prompt cache."
+            )
+        fast = [
+            t["prompt"]
+            for t in per_prompt_table(rows)
+            if t["ttft_speedup"] is not None and t["ttft_speedup"] < 1
+        ]
+        if fast:
+            warnings.append(
+                f"Prompt(s) {', '.join(fast)}: the whole non-streamed reply came faster than the "
+                "streamed first token, which a cold prompt cannot do: the server likely reused "
+                "a cached prompt prefix. Treat TTFT here as warm, or use a server that honours "
+                "x-labkit-cache (labkit local-api)."
+            )
+    return state, warnings

@@ -24,6 +24,13 @@ Notes:
    (or a chat and ``labkit serve``) never interleave turns on one session; before
    each turn the stored turn count is compared with ours and the history reloaded if
    another writer added turns.
+5. **Usage is measured or labelled.** A server that sends no usage (llama.cpp's
+   ``llama_cpp.server`` ignores ``stream_options.include_usage``) leaves the turn's
+   token counts unknown. The turn is then stored with labkit's tiktoken estimate (the
+   prompt the strategy selected, and the reply's text) and ``meta["usage_source"] =
+   "tiktoken_estimate"`` — never zeros that look measured; measured turns carry
+   ``"server_usage"``. Reloaded, an estimated turn's counts stay unknown to the
+   manager (``None``), as they were when it was made.
 """
 
 from __future__ import annotations
@@ -35,7 +42,12 @@ from ..errors import SessionNotFoundError
 from ..history import ConversationManager, FullHistory, Summarise, Turn, model_summariser
 from ..store import SessionStore, validate_session_id
 
-__all__ = ["KEEP_RECENT_TURNS", "SUMMARISE_AFTER_TURNS", "ChatSession"]
+__all__ = ["ESTIMATED", "KEEP_RECENT_TURNS", "MEASURED", "SUMMARISE_AFTER_TURNS", "ChatSession"]
+
+#: ``meta["usage_source"]`` of a turn whose token counts the server reported (note 5).
+MEASURED = "server_usage"
+#: ``meta["usage_source"]`` of a turn whose token counts are labkit's estimate (note 5).
+ESTIMATED = "tiktoken_estimate"
 
 #: ``summarise=True`` folds history once a conversation has more turns than this.
 SUMMARISE_AFTER_TURNS = 20
@@ -103,12 +115,13 @@ class ChatSession:
         history = []
         for t in turns:
             history.append(Turn("user", t.user))
+            measured = t.meta.get("usage_source") != ESTIMATED  # note 5
             history.append(
                 Turn(
                     "assistant",
                     t.assistant,
-                    tokens=t.output_tokens,
-                    input_tokens=t.input_tokens,
+                    tokens=t.output_tokens if measured else None,
+                    input_tokens=t.input_tokens if measured else None,
                     meta=dict(t.meta),
                 )
             )
@@ -142,12 +155,19 @@ class ChatSession:
             reply = self.manager.history[-1]
             meta = {k: v for k, v in reply.meta.items() if k != "elapsed_s"}
             meta["elapsed_s"] = round(reply.meta.get("elapsed_s", 0.0), 4)
+            if reply.input_tokens is None or reply.tokens is None:  # no usage sent (note 5)
+                input_tokens = int(meta.get("estimated_tokens") or 0)
+                output_tokens = self.manager.counter.text(reply.content)
+                meta["usage_source"] = ESTIMATED
+            else:
+                input_tokens, output_tokens = reply.input_tokens, reply.tokens
+                meta["usage_source"] = MEASURED
             self.store.append_turn(
                 self.id,
                 message,
                 reply.content,
-                input_tokens=reply.input_tokens or 0,
-                output_tokens=reply.tokens or 0,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
                 meta=meta,
             )
             after = self.summary()

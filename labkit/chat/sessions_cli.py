@@ -86,6 +86,12 @@ def print_session(
         f"turns {info.turn_count} · input tokens {info.input_tokens} · output tokens "
         f"{info.output_tokens} · age {format_age(info.age_seconds)} · model {info.model or '-'}"
     )
+    estimated = sum(1 for t in turns if t.meta.get("usage_source") == "tiktoken_estimate")
+    if estimated:
+        out.print(
+            f"[yellow]of which {estimated} turn(s) estimated (tiktoken): the server sent no "
+            "usage for them[/]"
+        )
     if info.system_prompt:
         out.print(f"[dim]system:[/] {info.system_prompt}", markup=True, highlight=False)
     if summary is not None:

@@ -12,6 +12,17 @@ Notes:
    forced tool call starts with a ``tool_use`` block instead.
 4. Validation messages follow the real API's wording where it is known
    (``prompt is too long: N tokens > M maximum``), and otherwise say what is wrong.
+5. Every request field is accounted for (:data:`FIELDS`): implemented, without effect
+   by nature here (``metadata``, ``service_tier``, routing and caching hints: the
+   prefix cache is automatic), or refused with a 400 that names it when set to
+   something the local model cannot do (``thinking`` enabled, ``output_config.effort``,
+   server tools, ``container``, ``mcp_servers``...). Unknown fields are refused as the
+   real API refuses them ("Extra inputs are not permitted"). ``temperature``, ``top_p``,
+   ``top_k`` and labkit's own ``seed`` are read from the body (``extra_body``).
+6. Forced tool use (``tool_choice`` ``any``/``tool``) and ``output_config.format``
+   (``json_schema``, what ``messages.parse(output_format=...)`` sends) promise JSON
+   valid against a schema; the schemas are checked by ``schema.check_schema`` (a 400
+   names what cannot be constrained) and the engine keeps the promise.
 """
 
 from __future__ import annotations
@@ -50,8 +61,10 @@ from .engine import (
     ToolSpec,
     ToolStart,
 )
+from .schema import check_schema
 
 __all__ = [
+    "FIELDS",
     "collect_message",
     "error_body",
     "frame",
@@ -62,6 +75,83 @@ __all__ = [
 
 def _invalid(message: str) -> EngineError:
     return EngineError("invalid_request_error", message)
+
+
+#: Request fields the local API knows (note 5); any other is refused with a 400.
+FIELDS = (
+    # implemented
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "stop_sequences",
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "tools",
+    "tool_choice",
+    "output_config",
+    # no effect by nature on a local model (or refused below when set to something it cannot do)
+    "metadata",
+    "service_tier",
+    "inference_geo",
+    "speed",
+    "cache_control",
+    "user_profile_id",
+    "workspace_id",
+    "diagnostics",
+    "thinking",
+    "container",
+    "mcp_servers",
+    "context_management",
+)
+
+#: Fields refused whenever they are set (not null).
+_REFUSED = {
+    "container": "code execution containers",
+    "mcp_servers": "MCP servers",
+    "context_management": "server-side context management",
+}
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    for key in body:
+        if key not in FIELDS:
+            raise _invalid(f"{key}: Extra inputs are not permitted")
+    for key, what in _REFUSED.items():
+        if body.get(key) not in (None, [], {}):
+            raise _invalid(f"{key}: the local API has no {what}; remove {key}.")
+    thinking = body.get("thinking")
+    if thinking is not None and (
+        not isinstance(thinking, dict) or thinking.get("type") != "disabled"
+    ):
+        raise _invalid(
+            "thinking: the local model (SmolLM2-135M-Instruct) has no extended thinking; "
+            'remove thinking or send {"type": "disabled"}.'
+        )
+
+
+def _output_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    config = body.get("output_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise _invalid("output_config: Input should be an object")
+    for key in config:
+        if key not in ("format", "effort"):
+            raise _invalid(f"output_config.{key}: Extra inputs are not permitted")
+    if config.get("effort") is not None:
+        raise _invalid("output_config.effort: the local model has no effort levels; remove effort.")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise _invalid("output_config.format.type: Input should be 'json_schema'")
+    if not isinstance(fmt.get("schema"), dict):
+        raise _invalid("output_config.format.schema: Field required (a JSON Schema object)")
+    return check_schema(fmt["schema"], "output_config.format.schema")
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:
@@ -173,6 +263,8 @@ def parse_messages_request(
         raise _invalid("max_tokens: Input should be a valid integer")
     if max_tokens < 1:
         raise _invalid(f"max_tokens: Input should be greater than or equal to 1 (got {max_tokens})")
+    _check_fields(body)
+    json_schema = _output_format(body)
     system, messages, prefill = parse_messages(body)
     temperature = body.get("temperature")
     if temperature is not None and (
@@ -192,7 +284,15 @@ def parse_messages_request(
     for i, t in enumerate(body.get("tools") or []):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise _invalid(f"tools.{i}.name: Field required")
-        tools.append(ToolSpec(t["name"], t.get("description", ""), t.get("input_schema") or {}))
+        if t.get("type") not in (None, "custom"):
+            raise _invalid(
+                f"tools.{i}.type: {t['type']!r} is a server tool the local API does not run; "
+                "define a client tool (name, description, input_schema) instead."
+            )
+        schema = t.get("input_schema")
+        if not isinstance(schema, dict):
+            raise _invalid(f"tools.{i}.input_schema: Field required (a JSON Schema object)")
+        tools.append(ToolSpec(t["name"], t.get("description") or "", schema))
     choice = body.get("tool_choice")
     tool_choice, tool_name = None, None
     if choice is not None:
@@ -210,6 +310,9 @@ def parse_messages_request(
                 raise _invalid(f"tool_choice.name: no tool named {tool_name!r} in tools")
         if tool_choice in ("any", "tool") and not tools:
             raise _invalid("tool_choice: a forcing tool_choice needs at least one tool in tools")
+        for i, t in enumerate(tools):  # forced: the input schemas will be enforced (note 6)
+            if tool_choice == "any" or (tool_choice == "tool" and t.name == tool_name):
+                t.input_schema = check_schema(t.input_schema, f"tools.{i}.input_schema")
     # the Messages API has no seed; labkit reads one from the body (``extra_body={"seed": 7}``)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -227,11 +330,24 @@ def parse_messages_request(
         tools=tools,
         tool_choice=tool_choice,
         tool_name=tool_name,
+        json_schema=json_schema,
+        json_hint=str(json_schema.get("title", "")) if json_schema else "",
         cache=cache,
         sim=sim,
         t0=t0,
     )
     return model, req
+
+
+def partial_json(raw: str) -> Any:
+    """``raw`` parsed, or as much of it as parses when ``max_tokens`` cut it short (as the
+    SDK's stream accumulator reads ``input_json_delta`` pieces)."""
+    import jiter
+
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return jiter.from_json(raw.encode(), partial_mode="trailing-strings")
 
 
 def new_message_id() -> str:
@@ -385,7 +501,7 @@ async def collect_message(
     if tool is not None:
         raw = "".join(tool["json"]) or "{}"
         content.append(
-            ToolUseBlock(type="tool_use", id=tool["id"], name=tool["name"], input=json.loads(raw))
+            ToolUseBlock(type="tool_use", id=tool["id"], name=tool["name"], input=partial_json(raw))
         )
     assert finished is not None
     msg = Message(

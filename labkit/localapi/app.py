@@ -31,6 +31,14 @@ Notes on deliberate choices:
    carried the turns before it. Only this process's memory holds them, as the bytes
    received, parsed only when asked for: parsed, a 1 MB body of small JSON values takes
    over 20 MB (measured: 16 such bodies held 375 MiB when they were kept parsed).
+8. Every response carries a request id (``request-id`` on Anthropic routes,
+   ``x-request-id`` on OpenAI routes; ``wire.wire_format`` decides), stamped by the
+   outermost middleware so that errors and unknown routes have one too. Errors are
+   answered in the route's own format, 404s for unknown routes included.
+9. Generation responses echo the prompt-cache state the request got in an
+   ``x-labkit-cache: on|off`` header ("off" when the request asked for it, when the
+   server runs with ``--no-cache``, and always on the sim engine, which has no cache),
+   so a client measuring cold TTFT can check that the server honoured its header.
 """
 
 from __future__ import annotations
@@ -64,7 +72,13 @@ from .engine import (
 from .limits import MAX_BODY_BYTES, BodyLimit, check_request, max_body_bytes
 from .metrics import Metrics
 from .sim import parse_sim_header
-from .wire import error_headers, error_status
+from .wire import (
+    error_headers,
+    error_status,
+    new_request_id,
+    request_id_header,
+    wire_format,
+)
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -121,10 +135,17 @@ class _Stamp:
             return
         scope["labkit.t0"] = time.perf_counter()
         path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        fmt = wire_format(path, headers)
+        request_id = new_request_id()
+        scope["labkit.format"] = fmt
+        scope["labkit.request_id"] = request_id
+        id_header = (request_id_header(fmt).encode(), request_id.encode())
 
         async def counting_send(message: Any) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests[(path, message["status"])] += 1
+                message = {**message, "headers": [*message.get("headers", []), id_header]}
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -152,7 +173,10 @@ def create_app(
     )
 
     def is_openai(request: Request) -> bool:
-        return request.url.path.startswith("/v1/chat")
+        fmt = request.scope.get("labkit.format")
+        if fmt is None:
+            fmt = wire_format(request.url.path, request.headers)
+        return fmt == "openai"
 
     def error_response(
         request: Request,
@@ -160,26 +184,36 @@ def create_app(
         message: str,
         status: int | None = None,
         code: str | None = None,
+        param: str | None = None,
     ) -> Response:
         status = status or error_status(error_type)
         if is_openai(request):
-            body = openai_wire.error_body(error_type, message, code=code)
+            body = openai_wire.error_body(error_type, message, code=code, param=param)
         else:
             body = anthropic_wire.error_body(error_type, message)
+            if "labkit.request_id" in request.scope:
+                body["request_id"] = request.scope["labkit.request_id"]
         return JSONResponse(body, status_code=status, headers=error_headers(status))
 
     @api.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> Response:
-        return error_response(request, exc.error_type, exc.message, code=exc.code)
+        return error_response(request, exc.error_type, exc.message, code=exc.code, param=exc.param)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}.get(
             exc.status_code, "api_error"
         )
-        return error_response(
-            request, kind, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code
-        )
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = (
+                f"Invalid URL ({where}): the local API serves POST /v1/messages (Anthropic), "
+                "POST /v1/chat/completions (OpenAI), GET /v1/models and GET /v1/models/{id}."
+            )
+        else:
+            message = f"{where}: {exc.detail}"
+        return error_response(request, kind, message, exc.status_code, code=code)
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -279,6 +313,11 @@ def create_app(
         metrics.cached_prompt_tokens += started.cached_tokens
         return started, events
 
+    def cache_header(req: GenerationRequest) -> dict[str, str]:
+        """The prompt-cache state ``req`` gets, echoed to the client (note 8)."""
+        on = bool(getattr(engine, "prefix_cache", False)) and req.cache
+        return {"x-labkit-cache": "on" if on else "off"}
+
     def first_token_observer(t0: float) -> Callable[[], None]:
         return lambda: metrics.observe_ttft(time.perf_counter() - t0)
 
@@ -287,6 +326,7 @@ def create_app(
         events: AsyncIterator[Event],
         on_error: Callable[[EngineError], bytes],
         ping: Callable[[], ServerSentEvent],
+        headers: dict[str, str],
     ) -> Response:
         async def body() -> AsyncIterator[bytes]:
             metrics.active_streams += 1
@@ -315,13 +355,14 @@ def create_app(
             body(),
             ping=_PING_SECONDS,
             ping_message_factory=ping,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
 
     async def non_stream(
         request: Request,
         events: AsyncIterator[Event],
         collect: Callable[[], Awaitable[dict[str, Any]]],
+        headers: dict[str, str],
     ) -> Response:
         """Collect the whole reply; stop the engine if the client leaves meanwhile (note 6)."""
         task = asyncio.ensure_future(collect())
@@ -329,7 +370,7 @@ def create_app(
             while True:
                 done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
                 if done:
-                    return JSONResponse(task.result())
+                    return JSONResponse(task.result(), headers=headers)
                 if await request.is_disconnected():
                     task.cancel()
                     with contextlib.suppress(BaseException):
@@ -369,19 +410,29 @@ def create_app(
         ]
         return {"requests": entries, "capacity": received.maxlen}
 
-    @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    def model_entry(model_id: str = MODEL_ID) -> dict[str, Any]:
+        """The one model, as both formats describe a model (Anthropic ModelInfo, OpenAI Model)."""
         created = datetime(2024, 11, 1, tzinfo=UTC)
-        entry = {
-            "id": MODEL_ID,
+        served = f"SmolLM2-135M-Instruct Q4_1 ({engine.name} engine)"
+        return {
+            "id": model_id,
             "type": "model",
             "object": "model",
-            "display_name": f"SmolLM2-135M-Instruct Q4_1 ({engine.name} engine)",
+            "display_name": served if model_id == MODEL_ID else f"{model_id}, served by {served}",
             "created_at": created.isoformat().replace("+00:00", "Z"),
             "created": int(created.timestamp()),
             "owned_by": "labkit",
             "context_window": CONTEXT_WINDOW,
         }
+
+    @api.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return model_entry(model_id)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = model_entry()
         return {
             "object": "list",
             "data": [entry],
@@ -409,11 +460,13 @@ def create_app(
                     "error", anthropic_wire.error_body(exc.error_type, exc.message)
                 ),
                 lambda: ServerSentEvent(event="ping", data='{"type": "ping"}'),
+                cache_header(req),
             )
         return await non_stream(
             request,
             events,
             lambda: anthropic_wire.collect_message(started, events, model=model, on_first=on_first),
+            cache_header(req),
         )
 
     @api.post("/v1/messages/count_tokens")
@@ -425,8 +478,12 @@ def create_app(
         if not isinstance(model, str) or not model:
             raise EngineError("invalid_request_error", "model: Field required")
         check_model(model)
-        system, msgs, prefill = anthropic_wire.parse_messages(body)
-        req = GenerationRequest(system=system, messages=msgs, max_tokens=1, prefill=prefill)
+        # the same fields as a Messages request: tools, tool_choice and output_config change
+        # the prompt fed to the model (a forced tool's instruction), so they are counted;
+        # max_tokens and stream, which change no count, are taken and not needed
+        _, req = anthropic_wire.parse_messages_request(
+            {**body, "max_tokens": 1}, **request_options(request)
+        )
         return JSONResponse({"input_tokens": engine.count_tokens(req)})
 
     @api.post("/v1/chat/completions")
@@ -453,11 +510,13 @@ def create_app(
                     + b"\n\n"
                 ),
                 lambda: ServerSentEvent(comment="ping"),
+                cache_header(req),
             )
         return await non_stream(
             request,
             events,
             lambda: openai_wire.collect_completion(started, events, model=model, on_first=on_first),
+            cache_header(req),
         )
 
     @api.post("/v1/labkit/score")

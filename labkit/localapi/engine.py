@@ -52,6 +52,7 @@ __all__ = [
     "check_engine",
     "check_options",
     "engine_options",
+    "forced_tool",
     "make_engine",
     "render_chatml",
 ]
@@ -114,6 +115,10 @@ class GenerationRequest:
     top_k: int | None = None
     #: Custom stop sequences.
     stop: list[str] = field(default_factory=list)
+    #: OpenAI's frequency penalty (-2..2; 0 is none).
+    frequency_penalty: float = 0.0
+    #: OpenAI's presence penalty (-2..2; 0 is none).
+    presence_penalty: float = 0.0
     #: Sampling seed (None: random).
     seed: int | None = None
     #: Assistant text the reply continues (the last message was the assistant's).
@@ -124,6 +129,11 @@ class GenerationRequest:
     tool_choice: str | None = None
     #: The tool forced by ``tool_choice="tool"``.
     tool_name: str | None = None
+    #: Constrain the text reply to JSON valid against this schema (checked by
+    #: ``schema.check_schema``; ``{"type": "object"}`` for OpenAI's ``json_object``).
+    json_schema: dict[str, Any] | None = None
+    #: What the JSON reply is (a schema's name and description), for the model's prompt.
+    json_hint: str = ""
     #: Use prefix caching for this request.
     cache: bool = True
     #: Per-request sim options (from the ``x-labkit-sim`` header).
@@ -186,7 +196,9 @@ Event = Started | TextPiece | ToolStart | ToolInput | Finished
 class EngineError(Exception):
     """A failure to report to the client with the API's own error type (note 2)."""
 
-    def __init__(self, error_type: str, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, error_type: str, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
         if error_type not in ERROR_TYPES:
             raise ConfigurationError(
                 f"Unknown error type {error_type!r}.",
@@ -197,6 +209,8 @@ class EngineError(Exception):
         self.message = message
         #: A machine-readable code for OpenAI's error body (e.g. ``context_length_exceeded``).
         self.code = code
+        #: The request parameter at fault, for OpenAI's error body.
+        self.param = param
 
 
 class DropConnection(Exception):
@@ -208,14 +222,31 @@ class Engine(Protocol):
 
     name: str
     context_window: int
+    #: Whether the engine reuses a cached prompt prefix when a request allows it
+    #: (the app echoes the honoured state in the ``x-labkit-cache`` response header).
+    prefix_cache: bool
 
     def count_tokens(self, req: GenerationRequest) -> int:
         """Exact prompt tokens for ``req`` (what ``stream`` would feed)."""
         ...
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        """Started, then pieces, then Finished; or raise EngineError/DropConnection."""
+        """Started, then pieces, then Finished; or raise EngineError/DropConnection.
+
+        A forced tool call (``tool_choice`` "any"/"tool") yields ToolStart and ToolInput
+        pieces whose JSON is valid against the tool's input schema (unless cut by
+        ``max_tokens``); a request with ``json_schema`` yields text that is such JSON.
+        """
         ...
+
+
+def forced_tool(req: GenerationRequest) -> ToolSpec | None:
+    """The tool a request forces by name (``tool_choice="tool"``, or "any" with one tool)."""
+    if req.tool_choice == "tool":
+        return next(t for t in req.tools if t.name == req.tool_name)
+    if req.tool_choice == "any" and len(req.tools) == 1:
+        return req.tools[0]
+    return None
 
 
 def render_chatml(system: str, messages: list[ChatMessage], prefill: str = "") -> str:

@@ -29,6 +29,19 @@ Notes on deliberate choices:
    measures the in-process baseline with the same threads and policy.
 6. ``llama_cpp`` (and numpy, for scoring) are imported when an engine is built, not
    when this module is, so choosing an engine or finding the model file is cheap.
+7. Forced tool calls and JSON replies are constrained decoding: the (checked, see
+   ``schema.py``) JSON Schema becomes a llama.cpp grammar
+   (``llama_cpp.llama_grammar.json_schema_to_gbnf``), which only lets the sampler pick
+   tokens that keep the output valid. The grammar is compiled once by llama.cpp
+   before the request is accepted: a schema it cannot compile is a 400 (llama.cpp
+   would otherwise fail inside the decoding thread). The model is told what to write
+   by one system line (:func:`tool_instruction`, :func:`json_instruction`); the
+   benchmark ``benchmarks/constrained.py`` measures how often the constrained output
+   is also *sensible*. ``tool_choice="any"`` with several tools first lets the model
+   pick a tool name under a grammar of the names, then constrains the input. Stop
+   sequences do not apply inside a tool call's input; trailing whitespace the grammar
+   allows after the JSON is dropped. With ``tool_choice`` ``auto`` (or none given)
+   the model answers in text and the tools are not shown to it.
 """
 
 from __future__ import annotations
@@ -36,8 +49,10 @@ from __future__ import annotations
 import asyncio
 import codecs
 import importlib.util
+import json
 import os
 import random
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -53,6 +68,10 @@ from .engine import (
     GenerationRequest,
     Started,
     TextPiece,
+    ToolInput,
+    ToolSpec,
+    ToolStart,
+    forced_tool,
     render_chatml,
 )
 from .metrics import Metrics
@@ -63,7 +82,9 @@ __all__ = [
     "LlamaEngine",
     "available_cores",
     "default_threads",
+    "json_instruction",
     "model_path",
+    "tool_instruction",
 ]
 
 #: The keywords :class:`LlamaEngine` takes from the server's options (``--no-cache``, ``--n-threads``).
@@ -100,6 +121,36 @@ def default_threads() -> tuple[int, int]:
 
 #: Used when a request gives no temperature: the SmolLM2 model card's recommendation.
 DEFAULT_TEMPERATURE = 0.2
+#: Tokens the model may spend naming a tool when several are offered (note 7).
+_NAME_BUDGET = 24
+
+
+def tool_instruction(tool: ToolSpec) -> str:
+    """The system line that asks the model for a call of ``tool`` (note 7)."""
+    props = (tool.input_schema or {}).get("properties") or {}
+    line = f"You call the tool {tool.name}({', '.join(props)}) with a JSON object."
+    if tool.description:
+        line += f" {tool.name}: {tool.description.strip()}"
+    return line
+
+
+def tools_menu(tools: list[ToolSpec]) -> str:
+    """The system text that asks the model to choose one of ``tools`` (note 7)."""
+    lines = [f"- {t.name}: {t.description.strip() or 'no description'}" for t in tools]
+    return "You have these tools:\n" + "\n".join(lines) + "\nName the tool to call."
+
+
+def json_instruction(hint: str) -> str:
+    """The system line that asks the model for a JSON reply (note 7)."""
+    return "You reply with a JSON object" + (f" ({hint})." if hint else ".")
+
+
+def _with_system(system: str, extra: str) -> str:
+    return f"{system}\n\n{extra}" if system else extra
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid GBNF literal for plain names
 
 
 class LlamaEngine:
@@ -129,6 +180,8 @@ class LlamaEngine:
             verbose=False,
         )
         self.cache = cache
+        self.prefix_cache = cache
+        self._grammars: dict[str, Any] = {}
         self.metrics = metrics or Metrics()
         self._lock: asyncio.Lock | None = None
         self._eog = {self.llm.token_eos()}
@@ -143,8 +196,55 @@ class LlamaEngine:
         text = render_chatml(system, messages, prefill)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
+    def prompt_system(self, req: GenerationRequest) -> str:
+        """The system text the model sees for ``req`` (with a tool or JSON instruction)."""
+        if req.tool_choice in ("any", "tool"):
+            tool = forced_tool(req)
+            extra = tool_instruction(tool) if tool else tools_menu(req.tools)
+            return _with_system(req.system, extra)
+        if req.json_schema is not None:
+            return _with_system(req.system, json_instruction(req.json_hint))
+        return req.system
+
     def count_tokens(self, req: GenerationRequest) -> int:
-        return len(self.tokens(req.system, req.messages, req.prefill))
+        return len(self.tokens(self.prompt_system(req), req.messages, req.prefill))
+
+    def grammar(self, schema: dict[str, Any], where: str) -> Any:
+        """The llama.cpp grammar of a checked JSON Schema, compiled once (note 7)."""
+        key = where + "\0" + json.dumps(schema, sort_keys=True)
+        cached = self._grammars.get(key)
+        if cached is not None:
+            return cached
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            gbnf = json_schema_to_gbnf(json.dumps(schema))
+        except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+            raise EngineError(
+                "invalid_request_error",
+                f"{where}: the schema cannot be turned into a grammar ({exc}).",
+            ) from None
+        grammar = self._compile(gbnf, where)
+        if len(self._grammars) >= 64:
+            self._grammars.pop(next(iter(self._grammars)))
+        self._grammars[key] = grammar
+        return grammar
+
+    def _compile(self, gbnf: str, where: str) -> Any:
+        import llama_cpp
+        from llama_cpp import LlamaGrammar
+
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self.llm._model.vocab, gbnf.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise EngineError(
+                "invalid_request_error",
+                f"{where}: llama.cpp cannot compile the grammar of this schema (a pattern "
+                "with an escape or construct its grammar syntax lacks?). Simplify the schema.",
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(gbnf)
 
     def _lock_(self) -> asyncio.Lock:
         if self._lock is None:
@@ -162,7 +262,8 @@ class LlamaEngine:
         return min(n, len(tokens) - 1)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        tokens = self.tokens(req.system, req.messages, req.prefill)
+        tokens = self.tokens(self.prompt_system(req), req.messages, req.prefill)
+        plan = self._plan(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
@@ -182,7 +283,7 @@ class LlamaEngine:
                 loop.call_soon_threadsafe(lock.release)
 
             worker = threading.Thread(
-                target=self._run, args=(tokens, req, stop, put, release), daemon=True
+                target=self._run, args=(tokens, req, plan, stop, put, release), daemon=True
             )
             worker.start()
             thread_started = True
@@ -199,37 +300,134 @@ class LlamaEngine:
             if not thread_started:
                 lock.release()
 
+    def _plan(self, req: GenerationRequest) -> dict[str, Any]:
+        """What to decode: text, JSON text, or a tool call (grammars built here, note 7)."""
+        if req.tool_choice in ("any", "tool"):
+            tool = forced_tool(req)
+            if tool is not None:
+                where = f"tool {tool.name!r} input schema"
+                return {
+                    "kind": "tool",
+                    "tools": {tool.name: (tool, self.grammar(tool.input_schema, where))},
+                }
+            names = " | ".join(_gbnf_literal(t.name) for t in req.tools)
+            return {
+                "kind": "tool",
+                "names": self._compile(f"root ::= {names}", "tools"),
+                "tools": {
+                    t.name: (t, self.grammar(t.input_schema, f"tool {t.name!r} input schema"))
+                    for t in req.tools
+                },
+            }
+        if req.json_schema is not None:
+            return {"kind": "json", "grammar": self.grammar(req.json_schema, "response schema")}
+        return {"kind": "text"}
+
     def _run(
         self,
         tokens: list[int],
         req: GenerationRequest,
+        plan: dict[str, Any],
         stop: threading.Event,
         put: Callable[[Any], None],
         release: Callable[[], None],
     ) -> None:
         llm = self.llm
         self.metrics.engine_busy = 1
-        gen = None
         try:
             llm.set_seed(req.seed if req.seed is not None else random.randrange(2**31))
-            temp = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-            gen = llm.generate(
-                tokens,
-                temp=temp,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=40 if req.top_k is None else req.top_k,
-                min_p=0.05,
-                repeat_penalty=1.0,
+            budget = min(req.max_tokens, CONTEXT_WINDOW - len(tokens))
+            if plan["kind"] == "text":
+                end = self._decode(tokens, req, stop, lambda t: put(TextPiece(t)), budget, req.stop)
+            elif plan["kind"] == "json":
+                emit = _TrailingSpace(lambda t: put(TextPiece(t)))
+                end = self._decode(tokens, req, stop, emit, budget, req.stop, plan["grammar"])
+                emit.close()
+            else:
+                end = self._tool_call(tokens, req, plan, stop, put, budget)
+            if end is None:  # cancelled
+                return
+            reason, n, matched = end
+            put(Finished(stop_reason=reason, output_tokens=n, stop_sequence=matched))
+        except Exception as exc:  # report to the consumer, never die silently
+            put(EngineError("api_error", f"The model failed: {exc}"))
+        finally:
+            self.metrics.engine_busy = 0
+            release()
+
+    def _tool_call(
+        self,
+        tokens: list[int],
+        req: GenerationRequest,
+        plan: dict[str, Any],
+        stop: threading.Event,
+        put: Callable[[Any], None],
+        budget: int,
+    ) -> tuple[str, int, str | None] | None:
+        spent = 0
+        tools = plan["tools"]
+        if "names" in plan:  # choose among several tools first (note 7)
+            picked: list[str] = []
+            end = self._decode(
+                tokens, req, stop, picked.append, min(_NAME_BUDGET, budget), [], plan["names"]
             )
+            if end is None:
+                return None
+            spent = end[1]
+            name = "".join(picked).strip()
+            if name not in tools:
+                return ("max_tokens", spent, None)
+            tool = tools[name][0]
+            system = _with_system(req.system, tool_instruction(tool))
+            tokens = self.tokens(system, req.messages, req.prefill)
+            budget = min(budget - spent, CONTEXT_WINDOW - len(tokens))
+            if budget <= 0:
+                return ("max_tokens", spent, None)
+        else:
+            name = next(iter(tools))
+        grammar = tools[name][1]
+        put(ToolStart(id="toolu_" + secrets.token_hex(12), name=name))
+        emit = _TrailingSpace(lambda t: put(ToolInput(partial_json=t)))
+        end = self._decode(tokens, req, stop, emit, budget, [], grammar)
+        if end is None:
+            return None
+        emit.close()
+        reason, n, _ = end
+        return ("tool_use" if reason == "end_turn" else reason, spent + n, None)
+
+    def _decode(
+        self,
+        tokens: list[int],
+        req: GenerationRequest,
+        stop: threading.Event,
+        emit: Callable[[str], None],
+        budget: int,
+        stops: list[str],
+        grammar: Any = None,
+    ) -> tuple[str, int, str | None] | None:
+        """Generate after ``tokens``, handing text pieces to ``emit``; None if cancelled."""
+        llm = self.llm
+        temp = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+        gen = llm.generate(
+            tokens,
+            temp=temp,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=40 if req.top_k is None else req.top_k,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            grammar=grammar,
+        )
+        try:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stops = [s for s in req.stop if s]
+            stops = [s for s in stops if s]
             pending = ""
             n = 0
             reason, matched = "end_turn", None
-            budget = min(req.max_tokens, CONTEXT_WINDOW - len(tokens))
             for tok in gen:
                 if stop.is_set():
-                    return
+                    return None
                 if tok in self._eog:
                     break
                 n += 1
@@ -239,27 +437,22 @@ class LlamaEngine:
                 if hit is not None:
                     idx, matched = hit
                     if pending[:idx]:
-                        put(TextPiece(pending[:idx]))
+                        emit(pending[:idx])
                     pending, reason = "", "stop_sequence"
                     break
                 keep = _holdback(pending, stops)
                 if len(pending) > keep:
-                    put(TextPiece(pending[: len(pending) - keep]))
+                    emit(pending[: len(pending) - keep])
                     pending = pending[len(pending) - keep :]
                 if n >= budget:
                     reason = "max_tokens"
                     break
             pending += decoder.decode(b"", final=True)
             if pending:
-                put(TextPiece(pending))
-            put(Finished(stop_reason=reason, output_tokens=n, stop_sequence=matched))
-        except Exception as exc:  # report to the consumer, never die silently
-            put(EngineError("api_error", f"The model failed: {exc}"))
+                emit(pending)
+            return reason, n, matched
         finally:
-            if gen is not None:
-                gen.close()
-            self.metrics.engine_busy = 0
-            release()
+            gen.close()
 
     async def score(
         self, system: str, messages: list[ChatMessage], prefill: str, candidates: list[str]
@@ -314,6 +507,24 @@ class LlamaEngine:
             return scores, counts
         finally:
             self.metrics.engine_busy = 0
+
+
+class _TrailingSpace:
+    """Passes text on, holding back trailing whitespace until more text follows (note 7)."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.held = ""
+
+    def __call__(self, text: str) -> None:
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        if body:
+            self.emit(body)
+
+    def close(self) -> None:
+        self.held = ""
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:

@@ -12,8 +12,17 @@ Notes:
 3. Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; in a
    stream they arrive as a ``data:`` line holding that body, which the SDK raises as
    ``APIError``.
-4. ``tool_choice="required"`` or a named function forces a tool call (sim engine);
-   OpenAI has no assistant prefill, so a trailing assistant message is history.
+4. ``tool_choice="required"`` or a named function forces a tool call whose
+   arguments are valid against the function's ``parameters`` (both engines; the
+   llama engine constrains its output with a grammar). OpenAI has no assistant
+   prefill, so a trailing assistant message is history.
+5. Every request field is accounted for (:data:`FIELDS`): implemented
+   (``response_format`` ``json_object``/``json_schema`` included), without effect by
+   nature here (``metadata``, ``user``, ``store=false``, caching and routing hints,
+   ``parallel_tool_calls``: at most one call is made), or refused with a 400 naming
+   it when set to something the local API does not do (``logprobs``,
+   ``logit_bias``, ``audio``, ``reasoning_effort``...). Unknown fields are refused as
+   the real API refuses them ("Unrecognized request argument supplied").
 """
 
 from __future__ import annotations
@@ -52,8 +61,69 @@ from .engine import (
     ToolSpec,
     ToolStart,
 )
+from .schema import check_schema
 
-__all__ = ["collect_completion", "error_body", "parse_chat_request", "stream_chunks"]
+__all__ = ["FIELDS", "collect_completion", "error_body", "parse_chat_request", "stream_chunks"]
+
+#: Request fields the local API knows (note 5); any other is refused with a 400.
+FIELDS = (
+    # implemented
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "frequency_penalty",
+    "presence_penalty",
+    # no effect by nature on a local model (or refused below when set to something it cannot do)
+    "metadata",
+    "user",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "parallel_tool_calls",
+    "modalities",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+    "functions",
+    "function_call",
+    "moderation",
+)
+
+#: Fields refused whenever they are set (not null/false/empty), with what to do instead.
+_REFUSED = {
+    "logprobs": "token log-probabilities are not returned by the local API (POST "
+    "/v1/labkit/score ranks candidate answers by log-likelihood on the llama engine)",
+    "top_logprobs": "token log-probabilities are not returned by the local API",
+    "logit_bias": "logit_bias takes token ids of OpenAI's tokenizers, which SmolLM2 does not use",
+    "audio": "the local model has no audio output",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "SmolLM2-135M-Instruct is not a reasoning model",
+    "verbosity": "verbosity is not supported by the local model",
+    "web_search_options": "the local API has no web search",
+    "functions": "the deprecated functions field is not supported; use tools",
+    "function_call": "the deprecated function_call field is not supported; use tool_choice",
+    "moderation": "the local API has no moderation",
+    "store": "stored completions are not kept by the local API",
+}
 
 #: Anthropic error type → (OpenAI error type, code).
 _OPENAI_ERRORS = {
@@ -109,6 +179,62 @@ def _content_text(content: Any, where: str) -> str:
     raise _invalid(f"{where}: content must be a string or a list of content parts.")
 
 
+def _check_fields(body: dict[str, Any]) -> None:
+    for key in body:
+        if key not in FIELDS:
+            raise EngineError(
+                "invalid_request_error",
+                f"Unrecognized request argument supplied: {key}",
+                code="unknown_parameter",
+                param=key,
+            )
+    for key, why in _REFUSED.items():
+        if body.get(key) not in (None, False, 0, [], {}):
+            raise EngineError(
+                "invalid_request_error",
+                f"Unsupported parameter: {key!r}: {why}; remove {key}.",
+                code="unsupported_parameter",
+                param=key,
+            )
+    modalities = body.get("modalities")
+    if modalities not in (None, ["text"]):
+        raise EngineError(
+            "invalid_request_error",
+            'Unsupported value: modalities: the local model answers in text only; use ["text"].',
+            code="unsupported_value",
+            param="modalities",
+        )
+
+
+def _response_format(
+    body: dict[str, Any], messages: list[Any]
+) -> tuple[dict[str, Any] | None, str]:
+    """``(checked schema or None, hint)`` from ``response_format`` (note 5)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None, ""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None, ""
+    if kind == "json_object":
+        if "json" not in json.dumps(messages).lower():
+            raise _invalid(
+                "'messages' must contain the word 'json' in some form, to use "
+                "'response_format' of type 'json_object'."
+            )
+        return {"type": "object"}, ""
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise _invalid("response_format.json_schema.name: required")
+        schema = spec.get("schema", {"type": "object"})
+        hint = spec["name"] + (f": {spec['description']}" if spec.get("description") else "")
+        return check_schema(schema, "response_format.json_schema.schema"), hint
+    raise _invalid(
+        f"response_format.type: must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
+    )
+
+
 def parse_chat_request(
     body: Any, *, sim: dict[str, str], cache: bool, t0: float, count: Any = None
 ) -> tuple[str, GenerationRequest, bool]:
@@ -123,6 +249,8 @@ def parse_chat_request(
         raise _invalid(
             "messages: at least one message is required ('messages' must be a non-empty array)"
         )
+    _check_fields(body)
+    json_schema, json_hint = _response_format(body, messages)
     system_parts: list[str] = []
     out: list[ChatMessage] = []
     for i, m in enumerate(messages):
@@ -175,12 +303,29 @@ def parse_chat_request(
     seed = body.get("seed")
     if seed is not None and not isinstance(seed, int):
         raise _invalid("seed: must be an integer")
+    penalties = {}
+    for key in ("frequency_penalty", "presence_penalty"):
+        value = body.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not -2 <= value <= 2
+        ):
+            raise _invalid(f"{key}: must be a number between -2 and 2")
+        penalties[key] = float(value or 0.0)
     tools: list[ToolSpec] = []
     for i, t in enumerate(body.get("tools") or []):
         fn = (t or {}).get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _invalid(f"tools[{i}].function.name: required")
-        tools.append(ToolSpec(fn["name"], fn.get("description", ""), fn.get("parameters") or {}))
+        if t.get("type", "function") != "function":
+            raise _invalid(
+                f"tools[{i}].type: only 'function' tools are supported (got {t.get('type')!r})"
+            )
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise _invalid(f"tools[{i}].function.parameters: must be a JSON Schema object")
+        tools.append(ToolSpec(fn["name"], fn.get("description") or "", params))
     choice = body.get("tool_choice")
     tool_choice, tool_name = None, None
     if choice == "required":
@@ -196,6 +341,9 @@ def parse_chat_request(
         raise _invalid("tool_choice: must be 'none', 'auto', 'required' or a named function")
     if tool_choice in ("any", "tool") and not tools:
         raise _invalid("tool_choice: 'required' needs at least one tool")
+    for i, t in enumerate(tools):  # forced: the parameters will be enforced (note 4)
+        if tool_choice == "any" or (tool_choice == "tool" and t.name == tool_name):
+            t.input_schema = check_schema(t.input_schema, f"tools[{i}].function.parameters")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     req = GenerationRequest(
@@ -209,7 +357,10 @@ def parse_chat_request(
         tools=tools,
         tool_choice=tool_choice,
         tool_name=tool_name,
+        json_schema=json_schema,
+        json_hint=json_hint,
         cache=cache,
+        **penalties,
         sim=sim,
         t0=t0,
     )

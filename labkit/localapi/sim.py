@@ -51,6 +51,7 @@ from .engine import (
     render_chatml,
 )
 from .metrics import Metrics
+from .schema import example
 
 __all__ = ["SimEngine", "SimOptions", "parse_sim_header", "sim_tool_input"]
 
@@ -229,45 +230,22 @@ async def _sleep_until(deadline: float, precise: bool) -> None:
         await asyncio.sleep(0)
 
 
-def _example_value(schema: dict[str, Any], name: str) -> Any:
-    if schema.get("enum"):
-        return schema["enum"][0]
-    if "const" in schema:
-        return schema["const"]
-    t = schema.get("type", "string")
-    if isinstance(t, list):
-        t = next((x for x in t if x != "null"), "string")
-    if t == "object":
-        props = schema.get("properties", {})
-        return {k: _example_value(props.get(k, {}), k) for k in schema.get("required", [])}
-    if t == "array":
-        items = schema.get("items", {})
-        return [_example_value(items, name)] if schema.get("minItems") else []
-    if t == "integer":
-        return int(schema.get("minimum", 1))
-    if t == "number":
-        return float(schema.get("minimum", 1.0))
-    if t == "boolean":
-        return True
-    if t == "null":
-        return None
-    return f"sim {name}"
+def sim_tool_input(schema: dict[str, Any]) -> Any:
+    """A deterministic value valid against ``schema`` (checked by ``schema.check_schema``)."""
+    return example(schema)
 
 
-def sim_tool_input(schema: dict[str, Any]) -> dict[str, Any]:
-    """A deterministic input satisfying ``schema``'s required fields."""
-    props = schema.get("properties", {}) or {}
-    value = {k: _example_value(props.get(k, {}), k) for k in schema.get("required", []) or []}
-    if not value and props:  # nothing required: fill the first property so the call says something
-        first = next(iter(props))
-        value[first] = _example_value(props[first], first)
-    return value
+def _pieces(payload: str, n: int = 4) -> list[str]:
+    size = max(1, -(-len(payload) // n))
+    return [payload[i : i + size] for i in range(0, len(payload), size)]
 
 
 class SimEngine:
     """Deterministic text at a requested latency, with injectable faults."""
 
     name = "sim"
+    #: The sim engine has no prompt cache: ``x-labkit-cache`` is always echoed as off.
+    prefix_cache = False
 
     def __init__(
         self, options: SimOptions | None = None, *, metrics: Metrics | None = None
@@ -337,9 +315,7 @@ class SimEngine:
         if req.tools and req.tool_choice in ("any", "tool"):
             forced = next((t for t in req.tools if t.name == req.tool_name), req.tools[0])
         if forced is not None:
-            payload = json.dumps(sim_tool_input(forced.input_schema))
-            size = max(1, -(-len(payload) // 4))  # four pieces or so
-            pieces = [payload[i : i + size] for i in range(0, len(payload), size)]
+            pieces = _pieces(json.dumps(sim_tool_input(forced.input_schema)))
             await _sleep_until(deadline(0), precise())
             yield ToolStart(id="toolu_sim" + f"{rng.getrandbits(64):016x}", name=forced.name)
             for i, piece in enumerate(pieces):
@@ -352,6 +328,22 @@ class SimEngine:
             if after is not None and after >= len(pieces):
                 self._raise(with_)
             yield Finished(stop_reason="tool_use", output_tokens=len(pieces))
+            return
+
+        if req.json_schema is not None:  # a JSON reply: a valid example, in pieces
+            pieces = _pieces(json.dumps(example(req.json_schema)))
+            n = min(len(pieces), req.max_tokens)
+            for i in range(n):
+                await _sleep_until(deadline(i), precise())
+                if after is not None and i == after:
+                    self._raise(with_)
+                self.metrics.tokens_generated += 1
+                yield TextPiece(text=pieces[i])
+            if after is not None and after >= n:
+                self._raise(with_)
+            yield Finished(
+                stop_reason="end_turn" if n == len(pieces) else "max_tokens", output_tokens=n
+            )
             return
 
         n = min(opts.reply_tokens, req.max_tokens)

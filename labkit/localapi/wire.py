@@ -12,11 +12,29 @@ Notes:
    OpenAI SDK treats any 5xx as a retryable ``InternalServerError``.
 2. Statuses that invite a retry (429, 529) are sent with ``retry-after: 1``, as the
    real APIs send a ``retry-after`` with them; both SDKs' retry loops honour it.
+3. Each response says which format it speaks (:func:`wire_format`): the OpenAI routes
+   (``/v1/chat/...``, and any other ``/v1/...`` path, e.g. ``/v1/responses`` or
+   ``/v1/embeddings``, unless the request carries Anthropic's ``anthropic-version``
+   header) answer errors in OpenAI's shape and carry an ``x-request-id`` header; the
+   Anthropic routes (``/v1/messages...``), labkit's own (``/v1/labkit/...``) and
+   everything else answer in Anthropic's
+   shape with a ``request-id`` header. Those are the headers the SDKs read into
+   ``_request_id``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ERROR_STATUS", "error_headers", "error_status"]
+import secrets
+from collections.abc import Mapping
+
+__all__ = [
+    "ERROR_STATUS",
+    "error_headers",
+    "error_status",
+    "new_request_id",
+    "request_id_header",
+    "wire_format",
+]
 
 #: Anthropic error types and the HTTP status each is sent with.
 ERROR_STATUS: dict[str, int] = {
@@ -43,3 +61,27 @@ def error_status(error_type: str) -> int:
 def error_headers(status: int) -> dict[str, str] | None:
     """Extra headers of an error response with ``status`` (note 2)."""
     return {"retry-after": "1"} if status in _RETRY_STATUSES else None
+
+
+def wire_format(path: str, headers: Mapping[str, str]) -> str:
+    """``"openai"`` or ``"anthropic"``: the format a request to ``path`` is answered in (note 3).
+
+    ``headers`` maps lower-case header names to values.
+    """
+    if path.startswith(("/v1/messages", "/v1/complete", "/v1/labkit/")):
+        return "anthropic"  # labkit's own routes keep the Anthropic shape they always had
+    if path.startswith("/v1/chat/"):
+        return "openai"
+    if "anthropic-version" in headers:
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "anthropic"
+
+
+def request_id_header(fmt: str) -> str:
+    """The response header that carries the request id in format ``fmt`` (note 3)."""
+    return "x-request-id" if fmt == "openai" else "request-id"
+
+
+def new_request_id() -> str:
+    """A fresh request id (``req_`` and 24 hex digits)."""
+    return "req_" + secrets.token_hex(12)

@@ -38,6 +38,10 @@ class Usage(BaseModel):
     output: int = 0
     #: Of ``input``, tokens served from the upstream's prompt cache.
     cached: int = 0
+    #: ``server_usage``, or ``tiktoken_estimate`` when the upstream sent no usage (some
+    #: OpenAI-compatible servers ignore ``stream_options.include_usage``): input and
+    #: output are then labkit's estimate, never zeros that look measured.
+    source: str = "server_usage"
 
 
 class ChatReply(BaseModel):

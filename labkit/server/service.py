@@ -52,6 +52,11 @@ Notes (deliberate choices):
    loop. Redis calls wait on the network, so with Redis they run on one dedicated
    store thread (one hop per phase of a turn: prepare, commit, release), and a slow
    Redis never stalls the loop that relays other streams. ``store_io`` overrides it.
+8. **Usage is measured or labelled.** An upstream that sends no usage (llama.cpp's
+   ``llama_cpp.server`` ignores ``stream_options.include_usage``) gets the turn stored
+   with labkit's tiktoken estimate (the selected prompt, the reply's text), and the done
+   event's ``usage.source`` and the turn's ``meta["usage_source"]`` say
+   ``tiktoken_estimate`` (``server_usage`` when measured).
 """
 
 from __future__ import annotations
@@ -111,11 +116,24 @@ def _busy(session_id: str) -> HTTPError:
     return http_error(SessionBusyError(f"Session {session_id} is already answering a message."))
 
 
-def _usage(reply: upstream.Reply) -> dict[str, int]:
+def _usage(reply: upstream.Reply, estimated_input: int) -> dict[str, Any]:
+    """The turn's usage as reported, or labkit's labelled estimate when the upstream sent
+    none (``Reply.usage_reported`` is False): the prompt the context rule selected and
+    the reply's text, counted with tiktoken — never zeros that look measured."""
+    if reply.usage_reported:
+        return {
+            "input": reply.input_tokens,
+            "output": reply.output_tokens,
+            "cached": reply.cached_tokens,
+            "source": "server_usage",
+        }
+    from ..tokens import shared_counter
+
     return {
-        "input": reply.input_tokens,
-        "output": reply.output_tokens,
-        "cached": reply.cached_tokens,
+        "input": estimated_input,
+        "output": shared_counter().text(reply.text) if reply.text else 0,
+        "cached": 0,
+        "source": "tiktoken_estimate",
     }
 
 
@@ -326,7 +344,7 @@ class ChatService:
         assert self.model_api is not None
         sid = turn.session_id
         yield {"session_id": sid}
-        usage = {"input": 0, "output": 0, "cached": 0}
+        usage: dict[str, Any] = {"input": 0, "output": 0, "cached": 0}
         turn_count: int | None = None
         stream: upstream.AsyncTextStream | None = None
         request = self.model_api.request(turn.system, turn.messages)
@@ -336,7 +354,8 @@ class ChatService:
                     if text:
                         yield {"text": text}
                 reply = await stream.reply()
-            usage = _usage(reply)
+            estimate = int(turn.context.get("estimated_tokens") or 0)
+            usage = _usage(reply, estimate)
             if not reply.text.strip():
                 raise HTTPError(
                     502,
@@ -344,14 +363,18 @@ class ChatService:
                     "The model returned an empty reply; nothing was stored.",
                     "Resend the message.",
                 )
-            meta = {"context": turn.context, "stop_reason": reply.stop_reason}
+            meta = {
+                "context": turn.context,
+                "stop_reason": reply.stop_reason,
+                "usage_source": usage["source"],
+            }
             turn_count = await self._io(
                 self.store.append_turn,
                 sid,
                 turn.message,
                 reply.text,
-                input_tokens=reply.input_tokens,
-                output_tokens=reply.output_tokens,
+                input_tokens=usage["input"],
+                output_tokens=usage["output"],
                 meta=meta,
             )
             turn.reply = reply.text
@@ -360,7 +383,7 @@ class ChatService:
         except UpstreamError as exc:
             log.warning("upstream failed on session %s: %s", sid, exc.message)
             if stream is not None:
-                usage = _usage(stream.partial())
+                usage = _usage(stream.partial(), int(turn.context.get("estimated_tokens") or 0))
             turn.error = http_error(exc)
         except LabkitError as exc:
             turn.error = http_error(exc)

@@ -129,6 +129,9 @@ class StreamTiming:
     """Of ``input_tokens``, those served from the server's prompt cache (None: not reported)."""
     status_code: int | None = None
     """HTTP status of the response, when known."""
+    server_cache: str | None = None
+    """The prompt-cache state the server says it applied (its ``x-labkit-cache`` response
+    header: ``"on"``/``"off"``, sent by labkit's local API); None when it did not say."""
     error: str | None = None
     """Exception class name if the stream failed mid-way, else None."""
 
@@ -220,6 +223,7 @@ class StreamTiming:
             "api": self.api,
             "sent_source": self.sent_source,
             "status_code": self.status_code,
+            "server_cache": self.server_cache or "",
             "error": self.error or "",
             "sent_ns": self.sent_ns,
             "headers_rel_ns": rel(self.headers_ns),

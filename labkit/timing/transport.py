@@ -143,6 +143,9 @@ def adopt_transport_stamps(timing: StreamTiming, stream: Any) -> dict[str, int] 
     if resp is None:
         return None
     timing.status_code = getattr(resp, "status_code", None)
+    headers = getattr(resp, "headers", None)
+    if headers is not None:
+        timing.server_cache = headers.get("x-labkit-cache")
     try:
         stamps = resp.request.extensions.get(_EXT_KEY)
     except (AttributeError, RuntimeError):

@@ -28,21 +28,56 @@ Notes:
    accumulation — ``get_final_message()``, tool input parsing — works unchanged.
 3. The yielded object is the SDK stream itself behind a thin proxy: every attribute
    the wrapper does not define falls through to the SDK's stream.
+4. A server that breaks the Anthropic streaming protocol is named as such. Every
+   Messages stream starts with ``message_start``; a server that starts with
+   ``content_block_start`` instead (llama.cpp's ``llama-server`` does in some streams)
+   makes the SDK fail with a bare ``AssertionError`` from ``get_final_message()`` (the
+   text deltas still arrive), or with ``RuntimeError("Unexpected event order...")``
+   while iterating. The wrapper raises an :class:`~labkit.errors.UpstreamError`
+   (``kind="protocol_error"``) that says the server sent no ``message_start`` instead,
+   and records it in ``timing.error``.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from ..errors import UpstreamError
 from ..tokens import count_tokens
 from .events import _get, finish, observe_event, usage_counts
 from .records import CallTiming, StreamEvent, StreamTiming
 from .transport import adopt_transport_stamps
 
 __all__ = ["AsyncTimedStream", "TimedStream", "atimed_call", "timed", "timed_call"]
+
+
+def protocol_error(exc: BaseException, inner: Any, timing: StreamTiming) -> UpstreamError | None:
+    """An UpstreamError naming the broken protocol, when ``exc`` is the SDK's reaction to
+    an Anthropic stream without ``message_start`` (note 4); else None."""
+    if not type(inner).__module__.startswith("anthropic"):
+        return None
+    if any(e.type == "message_start" for e in timing.events):
+        return None
+    said = str(exc)
+    if not (
+        isinstance(exc, AssertionError)
+        or (isinstance(exc, RuntimeError) and "message_start" in said)
+    ):
+        return None
+    got = re.search(r"got (\w+)", said)
+    first = got.group(1) if got else timing.events[0].type if timing.events else "its events"
+    return UpstreamError(
+        f"The server broke the Anthropic streaming protocol: it sent {first} before any "
+        "message_start (every Messages stream starts with message_start).",
+        hint="That is the server's bug (llama.cpp's llama-server does it in some streams): "
+        "resend the request, or use a server that keeps the protocol (labkit local-api).",
+        kind="protocol_error",
+        status=502,
+    )
 
 
 class _TimedBase:
@@ -58,6 +93,13 @@ class _TimedBase:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    def _broken(self, exc: AssertionError) -> None:
+        """Raise the protocol error ``exc`` stands for (note 4), recorded; else return."""
+        broken = protocol_error(exc, self._inner, self.timing)
+        if broken is not None:
+            self.timing.error = type(broken).__name__
+            raise broken from exc
 
     def _finish(self, error: BaseException | None = None) -> None:
         if self._done:
@@ -83,7 +125,10 @@ class TimedStream(_TimedBase):
                 self._finish()
                 return
             except BaseException as exc:
-                self._finish(exc)
+                broken = protocol_error(exc, self._inner, timing)
+                self._finish(broken or exc)
+                if broken is not None:
+                    raise broken from exc
                 raise
             yield event, observe_event(timing, event, time.perf_counter_ns())
 
@@ -106,7 +151,11 @@ class TimedStream(_TimedBase):
     def _drained(self, name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             self.until_done()
-            return getattr(self._inner, name)(*args, **kwargs)
+            try:
+                return getattr(self._inner, name)(*args, **kwargs)
+            except AssertionError as exc:
+                self._broken(exc)
+                raise
 
         return call
 
@@ -138,7 +187,10 @@ class AsyncTimedStream(_TimedBase):
                 self._finish()
                 return
             except BaseException as exc:
-                self._finish(exc)
+                broken = protocol_error(exc, self._inner, timing)
+                self._finish(broken or exc)
+                if broken is not None:
+                    raise broken from exc
                 raise
             yield event, observe_event(timing, event, time.perf_counter_ns())
 
@@ -164,15 +216,27 @@ class AsyncTimedStream(_TimedBase):
 
     async def get_final_message(self) -> Any:
         await self.until_done()
-        return await self._inner.get_final_message()
+        try:
+            return await self._inner.get_final_message()
+        except AssertionError as exc:
+            self._broken(exc)
+            raise
 
     async def get_final_text(self) -> str:
         await self.until_done()
-        return await self._inner.get_final_text()
+        try:
+            return await self._inner.get_final_text()
+        except AssertionError as exc:
+            self._broken(exc)
+            raise
 
     async def get_final_completion(self) -> Any:
         await self.until_done()
-        return await self._inner.get_final_completion()
+        try:
+            return await self._inner.get_final_completion()
+        except AssertionError as exc:
+            self._broken(exc)
+            raise
 
     async def close(self) -> None:
         closer = getattr(self._inner, "close", None) or getattr(self._inner, "aclose", None)

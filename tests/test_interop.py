@@ -1,0 +1,268 @@
+"""labkit on a server it did not write: ``llama_cpp.server`` (llama-cpp-python's own
+OpenAI-compatible server, the ``interop`` extra) serving the same SmolLM2 GGUF. It
+ignores ``stream_options.include_usage`` and ``x-labkit-cache``, so these tests prove
+that ``labkit ttft``, ``labkit chat`` and ``labkit serve`` label what they could not
+measure instead of reporting zeros or a cache state nobody acknowledged.
+
+The cache report itself is unit-tested here on rows (fast), and so is the timing
+wrapper's verdict on a server that breaks the Anthropic streaming protocol (a stream
+replayed through the SDK's own HTTP transport: no server)."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from labkit.bench.lab1 import cache_report
+
+PEER_MODEL = "smollm2"
+
+
+# ── the cache report (no server) ─────────────────────────────────────────────
+
+
+def _row(
+    mode: str,
+    prompt: str,
+    *,
+    ack: str = "",
+    ttft: float = 100.0,
+    e2e: float = 300.0,
+    cached: int = 0,
+):
+    return {
+        "mode": mode,
+        "prompt_id": prompt,
+        "server_cache": ack if mode == "stream" else None,
+        "ttft_ms": ttft if mode == "stream" else None,
+        "e2e_ms": e2e,
+        "cached_tokens": cached,
+        "output_tokens": 10,
+        "itl_p50_ms": 5.0,
+        "error": "",
+    }
+
+
+def test_cache_state_is_claimed_only_when_the_server_acknowledged_it():
+    rows = [_row("stream", "a", ack="off"), _row("non_stream", "a")]
+    assert cache_report(rows, cache=False) == ("off", [])
+    state, warnings = cache_report([_row("stream", "a"), _row("non_stream", "a")], cache=False)
+    assert "unknown" in state and warnings == []
+
+
+def test_a_cold_run_that_looks_cached_is_warned_about():
+    rows = [_row("stream", "a", ttft=500.0), _row("non_stream", "a", e2e=120.0)]
+    state, warnings = cache_report(rows, cache=False)
+    assert "unknown" in state
+    assert len(warnings) == 1 and "faster than the streamed first token" in warnings[0]
+    rows = [_row("stream", "a", cached=40), _row("non_stream", "a")]
+    assert "cached prompt tokens" in cache_report(rows, cache=False)[1][0]
+
+
+def test_a_server_that_applied_another_state_is_reported():
+    state, warnings = cache_report([_row("stream", "a", ack="on")], cache=False)
+    assert "applied on" in state and warnings
+
+
+def test_labkit_local_api_acknowledges_cache_off(sim_clients):
+    from labkit.bench.lab1 import Prompt, run_trials
+
+    rows = run_trials(
+        sim_clients, [Prompt("p", "Hi", 4)], trials=1, warmup=0, non_stream=False, progress=False
+    )
+    assert rows[0]["server_cache"] == "off"
+    assert cache_report(rows, cache=False)[0] == "off"
+
+
+# ── a server that breaks the protocol (llama-server's missing message_start) ──
+
+_NO_MESSAGE_START = (
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+def _replaying_anthropic(body: bytes, *, is_async: bool = False):
+    """An Anthropic SDK client whose every request is answered with ``body`` (no server)."""
+    import anthropic
+
+    root = next(
+        c.__module__.partition(".")[0]
+        for c in anthropic.DefaultHttpxClient.__mro__
+        if c.__module__.startswith("httpx")
+    )
+    hx = importlib.import_module(root)  # httpx, or its fork httpx2 in the late-2026 SDKs
+
+    def answer(request):
+        return hx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    if is_async:
+        http = anthropic.DefaultAsyncHttpxClient(transport=hx.MockTransport(answer))
+        cls = anthropic.AsyncAnthropic
+    else:
+        http = anthropic.DefaultHttpxClient(transport=hx.MockTransport(answer))
+        cls = anthropic.Anthropic
+    return cls(api_key="x", base_url="http://replay.invalid", http_client=http, max_retries=0)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_timing_names_a_stream_without_message_start():
+    from labkit.errors import UpstreamError
+    from labkit.timing import timed
+
+    client = _replaying_anthropic(_NO_MESSAGE_START)
+    ctx = timed(client.messages.stream(model="m", max_tokens=5, messages=HI))
+    with (
+        pytest.raises(
+            UpstreamError, match="sent content_block_start before any message_start"
+        ) as info,
+        ctx as stream,
+    ):
+        assert "".join(stream.text_stream) == "Hello"  # the text still arrives
+        stream.get_final_message()  # the SDK's bare AssertionError, named
+    assert info.value.kind == "protocol_error" and ctx.timing.error == "UpstreamError"
+
+
+async def test_timing_names_an_async_stream_without_message_start():
+    from labkit.errors import UpstreamError
+    from labkit.timing import timed
+
+    client = _replaying_anthropic(_NO_MESSAGE_START, is_async=True)
+    with pytest.raises(UpstreamError, match="before any message_start"):
+        async with timed(client.messages.stream(model="m", max_tokens=5, messages=HI)) as stream:
+            await stream.get_final_message()
+
+
+# ── llama_cpp.server ─────────────────────────────────────────────────────────
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory) -> Iterator[str]:
+    """``python -m llama_cpp.server`` on a free loopback port; yields its OpenAI base URL."""
+    if importlib.util.find_spec("starlette_context") is None:
+        pytest.skip(
+            "llama_cpp.server needs the interop extra: pip install -e '.[interop]' "
+            "(reuses the built llama-cpp-python wheel)"
+        )
+    from labkit.localapi import model_path
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("peer") / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path()),
+           "--host", "127.0.0.1", "--port", str(port), "--model_alias", PEER_MODEL,
+           "--n_ctx", "4096", "--n_threads", "1", "--n_threads_batch", "2"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_", "OPENAI_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_ttft_on_llama_cpp_server_says_cache_unknown_and_estimates_tokens(peer, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "hi", "prompt": "Say hello.", "max_tokens": 12}\n')
+    out = tmp_path / "rows.csv"
+    cmd = [sys.executable, "-m", "labkit.cli", "ttft", "--provider", "openai", "--base-url", peer,
+           "--model", PEER_MODEL, "--prompts", str(prompts), "--trials", "1", "--warmup", "0",
+           "--cache", "off", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr
+    text = " ".join((done.stdout + done.stderr).split())
+    assert "unknown (the server did not acknowledge x-labkit-cache)" in text
+    rows = list(csv.DictReader(out.open()))
+    stream = [r for r in rows if r["mode"] == "stream"]
+    assert stream and all(r["error"] == "" for r in rows)
+    assert (
+        stream[0]["server_cache"] == "" and stream[0]["output_tokens_source"] == "tiktoken_estimate"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_chat_on_llama_cpp_server_stores_a_labelled_estimate(peer, tmp_path):
+    from labkit.store import open_store
+
+    url = f"sqlite:///{tmp_path}/chat.db"
+    cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "openai",
+           "--base-url", peer, "--model", PEER_MODEL, "--max-tokens", "16"]  # fmt: skip
+    done = subprocess.run(
+        cmd, input="Say hello.\n", capture_output=True, text=True, timeout=600, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    with open_store(url) as store:
+        (session,) = store.list_sessions()
+        (turn,) = store.load_turns(session.id)
+    assert turn.assistant.strip()
+    assert turn.meta["usage_source"] == "tiktoken_estimate"
+    assert turn.input_tokens > 0 and turn.output_tokens > 0
+    show = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "sessions", "show", session.id, "--store", url],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
+    assert "1 turn(s) estimated" in " ".join(show.stdout.split()), show.stdout + show.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_serve_on_llama_cpp_server_labels_its_usage_estimated(peer, make_chat):
+    from labkit.server.client import ChatClient
+
+    server = make_chat(
+        SimpleNamespace(base_url=peer), provider="openai", model=PEER_MODEL, max_tokens=16
+    )
+    with ChatClient(server.url) as c:
+        turn = c.stream("new", "Say hello.")
+    done = turn.events[-1]
+    assert done["done"] is True and done["stored"] is True, done
+    assert done["usage"]["source"] == "tiktoken_estimate"
+    assert done["usage"]["input"] > 0 and done["usage"]["output"] > 0
