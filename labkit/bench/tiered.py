@@ -43,7 +43,7 @@ from ..services import ThrowawayPostgres, create_database, drop_database, throwa
 from ..store.postgres import PostgresStore
 from ..store.redis import RedisStore
 from ..store.tiered import TieredStore
-from .store import ASSISTANT_CHARS, USER_CHARS, Text, percentiles, stopwatch
+from .store import ASSISTANT_CHARS, USER_CHARS, Text, _drop_namespace, percentiles, stopwatch
 
 __all__ = ["compare_durable_stores", "fill_postgres"]
 
@@ -144,14 +144,3 @@ def _expired_loads(tiered: TieredStore, ids: list[str], n: int, *, seed: int) ->
         tiered.load_history(sid)
         out.append((time.perf_counter() - t0) * 1000)
     return out
-
-
-def _drop_namespace(store: RedisStore, ns: str) -> None:
-    batch: list[str] = []
-    for key in store.redis.scan_iter(match=ns + "*", count=5000):
-        batch.append(key)
-        if len(batch) == 5000:
-            store.redis.delete(*batch)
-            batch = []
-    if batch:
-        store.redis.delete(*batch)
