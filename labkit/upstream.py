@@ -21,12 +21,19 @@ Notes (deliberate choices):
    OpenAI ``prompt_tokens_details.cached_tokens``). A server that sends no usage at all
    (some OpenAI-compatible servers ignore ``stream_options.include_usage``) gives
    ``usage_reported=False`` and zeros: callers must not show those zeros as measured.
-3. **Streams.** Anthropic goes through the SDK's own ``messages.stream`` helper and the
-   reply is taken from ``get_final_message()``. OpenAI goes through
-   ``chat.completions.create(stream=True)`` and the chunks are accumulated by a pure
-   function (:class:`ChunkAccumulator`): the SDK's ``.stream()`` helper parses every
-   chunk twice and raises ``LengthFinishReasonError`` at ``max_tokens``, which is an
-   ordinary stop here.
+3. **Streams relay the server's events as JSON.** A streamed request goes through the
+   SDK's own request path (``client.post`` with ``stream=True``: auth headers, retries,
+   timeouts, its SSE decoder, ``event: error`` raised as ``APIStatusError``) with
+   ``cast_to=object``, so each event stays the JSON object the server sent, and is
+   folded by a pure accumulator (:class:`MessageAccumulator`, :class:`ChunkAccumulator`).
+   The SDK's ``messages.stream`` helper would build a pydantic model per event and copy
+   a message snapshot per delta; under the chat server's load that was the largest cost
+   of a relayed turn (``benchmarks/chat_api.py``, profile in its docstring). Skipping it
+   also keeps a stream readable when a server breaks the event order (llama.cpp's
+   ``llama-server`` sometimes sends no ``message_start``, which the SDK helper meets with
+   a bare ``AssertionError``). OpenAI's ``.stream()`` helper is not used either: it
+   parses every chunk twice and raises ``LengthFinishReasonError`` at ``max_tokens``,
+   which is an ordinary stop here.
 4. **One error taxonomy.** Every SDK error (``APIError`` of either SDK, which includes
    connection errors and timeouts) and every transport error of the HTTP library under
    the SDKs (``httpx`` or, in the late-2026 SDKs, ``httpx2``; a connection dropped
@@ -47,6 +54,7 @@ from .errors import ConfigurationError, UpstreamError
 __all__ = [
     "AsyncTextStream",
     "ChunkAccumulator",
+    "MessageAccumulator",
     "Reply",
     "Request",
     "TextStream",
@@ -179,8 +187,16 @@ def reply_from_completion(completion: Any) -> Reply:
     return Reply(text, prompt, output, choice.finish_reason, cached, raw=completion)
 
 
+def _as_dict(event: Any) -> Mapping[str, Any]:
+    """An event or chunk as the JSON object the server sent (SDK models are dumped)."""
+    if isinstance(event, Mapping):
+        return event
+    return event.model_dump(exclude_none=True)
+
+
 class ChunkAccumulator:
-    """Folds OpenAI ``ChatCompletionChunk`` objects into a :class:`Reply` (note 3).
+    """Folds OpenAI chat-completion chunks into a :class:`Reply` (note 3): the JSON
+    objects the server sent, or the SDK's ``ChatCompletionChunk`` models.
 
     ``add(chunk)`` returns the chunk's text delta ("" when it has none: a role-only first
     chunk, a ``None`` content, or a usage chunk whose ``choices`` list is empty).
@@ -188,17 +204,18 @@ class ChunkAccumulator:
 
     def __init__(self) -> None:
         self.parts: list[str] = []
-        self.usage: Any = None
+        self.usage: Mapping[str, Any] | None = None
         self.finish_reason: str | None = None
 
     def add(self, chunk: Any) -> str:
-        if getattr(chunk, "usage", None) is not None:
-            self.usage = chunk.usage
+        chunk = _as_dict(chunk)
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
         text = ""
-        for choice in chunk.choices or ():
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
-            delta = choice.delta.content if choice.delta is not None else None
+        for choice in chunk.get("choices") or ():
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            delta = (choice.get("delta") or {}).get("content")
             if delta:
                 text += delta
         if text:
@@ -209,8 +226,66 @@ class ChunkAccumulator:
         text = "".join(self.parts)
         if self.usage is None:
             return Reply(text, 0, 0, self.finish_reason, usage_reported=False)
-        prompt, output, cached = _openai_usage(self.usage)
-        return Reply(text, prompt, output, self.finish_reason, cached)
+        details = self.usage.get("prompt_tokens_details") or {}
+        return Reply(
+            text,
+            self.usage.get("prompt_tokens") or 0,
+            self.usage.get("completion_tokens") or 0,
+            self.finish_reason,
+            details.get("cached_tokens") or 0,
+        )
+
+
+class MessageAccumulator:
+    """Folds Anthropic stream events (``message_start`` … ``message_stop``, as the JSON
+    objects the server sent or as SDK models) into a :class:`Reply` (note 3).
+
+    ``add(event)`` returns the event's text delta ("" for every other event). Usage comes
+    from ``message_start`` and is updated by ``message_delta``, as the SDK's own
+    accumulator does; a stream that carried no usage at all gives ``usage_reported=False``.
+    A server that omits ``message_start`` (llama.cpp's ``llama-server`` sometimes does)
+    still yields its text: :attr:`saw_message_start` records the lapse.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.usage: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self.saw_message_start = False
+
+    def add(self, event: Any) -> str:
+        event = _as_dict(event)
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            text = delta.get("text") if delta.get("type") == "text_delta" else None
+            if text:
+                self.parts.append(text)
+                return text
+            return ""
+        if kind == "message_start":
+            self.saw_message_start = True
+            message = event.get("message") or {}
+            self.usage.update(_given(message.get("usage")))
+            self.stop_reason = message.get("stop_reason") or self.stop_reason
+        elif kind == "message_delta":
+            self.usage.update(_given(event.get("usage")))
+            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+        return ""
+
+    def reply(self) -> Reply:
+        text = "".join(self.parts)
+        if not self.usage:
+            return Reply(text, 0, 0, self.stop_reason, usage_reported=False)
+        cached = self.usage.get("cache_read_input_tokens") or 0
+        created = self.usage.get("cache_creation_input_tokens") or 0
+        total = (self.usage.get("input_tokens") or 0) + cached + created
+        return Reply(text, total, self.usage.get("output_tokens") or 0, self.stop_reason, cached)
+
+
+def _given(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The usage fields a server actually sent (``None`` means not sent)."""
+    return {k: v for k, v in (usage or {}).items() if v is not None}
 
 
 # ── errors ────────────────────────────────────────────────────────────────────
@@ -359,71 +434,84 @@ async def acreate(client: Any, request: Request) -> Reply:
         raise translate(exc) from exc
 
 
+def _accumulator(api: str) -> ChunkAccumulator | MessageAccumulator:
+    return MessageAccumulator() if api == "anthropic" else ChunkAccumulator()
+
+
+def _raw_stream_call(client: Any, request: Request, stream_cls: Any) -> tuple[str, dict[str, Any]]:
+    """``client.post`` arguments for a streamed request whose events stay JSON (note 3)."""
+    api = api_of(client)
+    kw = request.kwargs(api, stream=True)
+    headers = kw.pop("extra_headers", None)
+    extra = kw.pop("extra_body", {})
+    body = {**kw, **extra, "stream": True}
+    path = "/v1/messages" if api == "anthropic" else "/chat/completions"
+    options = {"headers": headers} if headers else {}
+    return path, {
+        "body": body,
+        "options": options,
+        "cast_to": object,
+        "stream": True,
+        "stream_cls": stream_cls[object],
+    }
+
+
 class TextStream:
     """An open streamed reply: iterate ``text_stream``, then call ``reply()``."""
 
-    def __init__(self, api: str, sdk_stream: Any) -> None:
+    def __init__(self, api: str, events: Any) -> None:
         self.api = api
-        self._stream = sdk_stream
-        self._acc = ChunkAccumulator()
-        self.text_stream: Iterator[str] = (
-            sdk_stream.text_stream if api == "anthropic" else self._openai_texts()
-        )
+        self._events = events
+        self._acc = _accumulator(api)
+        self.text_stream: Iterator[str] = self._texts()
 
-    def _openai_texts(self) -> Iterator[str]:
-        for chunk in self._stream:
-            text = self._acc.add(chunk)
+    def _texts(self) -> Iterator[str]:
+        for event in self._events:
+            text = self._acc.add(event)
             if text:
                 yield text
 
     def reply(self) -> Reply:
         """The final reply (drains whatever the caller did not read)."""
-        if self.api == "anthropic":
-            return reply_from_message(self._stream.get_final_message())
         for _ in self.text_stream:
             pass
         return self._acc.reply()
 
     def partial(self) -> Reply:
         """What arrived so far, for a stream that failed or was abandoned."""
-        return _partial(self.api, self._stream, self._acc)
+        return self._acc.reply()
 
 
 class AsyncTextStream:
     """Async twin of :class:`TextStream`."""
 
-    def __init__(self, api: str, sdk_stream: Any) -> None:
+    def __init__(self, api: str, events: Any) -> None:
         self.api = api
-        self._stream = sdk_stream
-        self._acc = ChunkAccumulator()
-        self.text_stream: AsyncIterator[str] = (
-            sdk_stream.text_stream if api == "anthropic" else self._openai_texts()
-        )
+        self._events = events
+        self._acc = _accumulator(api)
+        self.text_stream: AsyncIterator[str] = self._texts()
 
-    async def _openai_texts(self) -> AsyncIterator[str]:
-        async for chunk in self._stream:
-            text = self._acc.add(chunk)
+    async def _texts(self) -> AsyncIterator[str]:
+        async for event in self._events:
+            text = self._acc.add(event)
             if text:
                 yield text
 
     async def reply(self) -> Reply:
-        if self.api == "anthropic":
-            return reply_from_message(await self._stream.get_final_message())
         async for _ in self.text_stream:
             pass
         return self._acc.reply()
 
     def partial(self) -> Reply:
-        return _partial(self.api, self._stream, self._acc)
+        return self._acc.reply()
 
 
-def _partial(api: str, sdk_stream: Any, acc: ChunkAccumulator) -> Reply:
-    if api == "openai":
-        return acc.reply()
-    snap = getattr(sdk_stream, "current_message_snapshot", None)
-    if snap is None:
-        return Reply("", 0, 0, None, usage_reported=False)
-    return reply_from_message(snap)
+def _stream_classes(api: str) -> tuple[Any, Any]:
+    if api == "anthropic":
+        from anthropic import AsyncStream, Stream
+    else:
+        from openai import AsyncStream, Stream
+    return Stream, AsyncStream
 
 
 @contextmanager
@@ -433,13 +521,10 @@ def stream(client: Any, request: Request) -> Iterator[TextStream]:
     the block, are raised as :class:`UpstreamError`."""
     api = api_of(client)
     try:
-        if api == "anthropic":
-            with client.messages.stream(**request.kwargs(api)) as s:
-                yield TextStream(api, s)
-        else:
-            s = client.chat.completions.create(**request.kwargs(api, stream=True))
-            with s:
-                yield TextStream(api, s)
+        path, kw = _raw_stream_call(client, request, _stream_classes(api)[0])
+        events = client.post(path, **kw)
+        with events:
+            yield TextStream(api, events)
     except sdk_errors() as exc:
         raise translate(exc) from exc
 
@@ -449,12 +534,9 @@ async def astream(client: Any, request: Request) -> AsyncIterator[AsyncTextStrea
     """Async twin of :func:`stream`."""
     api = api_of(client)
     try:
-        if api == "anthropic":
-            async with client.messages.stream(**request.kwargs(api)) as s:
-                yield AsyncTextStream(api, s)
-        else:
-            s = await client.chat.completions.create(**request.kwargs(api, stream=True))
-            async with s:
-                yield AsyncTextStream(api, s)
+        path, kw = _raw_stream_call(client, request, _stream_classes(api)[1])
+        events = await client.post(path, **kw)
+        async with events:
+            yield AsyncTextStream(api, events)
     except sdk_errors() as exc:
         raise translate(exc) from exc

@@ -247,3 +247,57 @@ def test_an_error_before_the_stream_is_an_upstream_error_with_the_api_kind(sim_a
             429,
             429,
         )
+
+
+async def test_a_streamed_request_sends_the_system_prompt_temperature_and_headers(sim_api):
+    """Streams go through ``client.post`` with raw JSON events (note 3): what the SDK
+    method would have sent must still be sent, on both formats, sync and async."""
+    request = upstream.Request(
+        MODEL, MESSAGES, 8, system="Be brief.", temperature=0.25, extra_headers={"x-a": "b"}
+    )
+    clients = [*_clients(sim_api), *_clients(sim_api, is_async=True)]
+    for client in clients:
+        if client.__class__.__name__.startswith("Async"):
+            async with upstream.astream(client, request) as s:
+                assert (await s.reply()).text
+        else:
+            with upstream.stream(client, request) as s:
+                assert s.reply().text
+        sent = httpx.get(sim_api.base_url + "/v1/labkit/requests?limit=1").json()["requests"][0]
+        body = sent["body"]
+        assert body["stream"] is True and body["temperature"] == 0.25 and body["max_tokens"] == 8
+        if upstream.api_of(client) == "anthropic":
+            assert body["system"] == "Be brief."
+        else:
+            assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+            assert body["stream_options"] == {"include_usage": True}
+
+
+def test_message_accumulator_folds_events_and_survives_a_missing_message_start():
+    events = [
+        {
+            "type": "message_start",
+            "message": {
+                "usage": {"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": 3}
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!"}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 2},
+        },
+        {"type": "message_stop"},
+    ]
+    acc = upstream.MessageAccumulator()
+    assert [acc.add(e) for e in events] == ["", "", "Hi", "!", "", ""]
+    reply = acc.reply()
+    assert (reply.text, reply.stop_reason, reply.output_tokens) == ("Hi!", "end_turn", 2)
+    assert (reply.input_tokens, reply.cached_tokens, reply.usage_reported) == (10, 3, True)
+    headless = upstream.MessageAccumulator()
+    for e in events[1:4]:
+        headless.add(e)
+    assert headless.reply().text == "Hi!" and not headless.saw_message_start
+    assert headless.reply().usage_reported is False

@@ -33,8 +33,11 @@ from .sse import encode_event, event_response
 __all__ = ["router", "service_of"]
 
 
-def service_of(request: Request) -> ChatService:
-    """The app's :class:`ChatService` (set by :func:`labkit.server.create_app`)."""
+async def service_of(request: Request) -> ChatService:
+    """The app's :class:`ChatService` (set by :func:`labkit.server.create_app`).
+
+    A coroutine on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a thread hand-off per request that cost more than the rest of the route under load."""
     return request.app.state.service
 
 
