@@ -385,6 +385,13 @@ def serve(
     access_log: bool = typer.Option(
         True, "--access-log/--no-access-log", help="Log one line per request."
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="Server processes on the one port (they share sessions and locks through the "
+        "store: use Redis or PostgreSQL, and --base-url for the model).",
+    ),
 ) -> None:
     """Run the streaming chat API with persistent sessions (docs at /docs, chat page at /).
 
@@ -425,7 +432,14 @@ def serve(
         server_key=key,
         loopback_hosts_only=not insecure_no_auth,
     )
-    run(settings, host=host, port=port, access_log=access_log, log_level=log_level.lower())
+    run(
+        settings,
+        host=host,
+        port=port,
+        access_log=access_log,
+        log_level=log_level.lower(),
+        workers=workers,
+    )
 
 
 if __name__ == "__main__":

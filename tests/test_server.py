@@ -296,6 +296,55 @@ def test_two_server_processes_sharing_a_store_never_interleave(
             assert truth.load_history(sid) == msgs
 
 
+@pytest.mark.redis
+def test_workers_on_one_port_share_sessions_and_locks_through_the_store(
+    slow_sim, make_chat, redis_store_url
+):
+    """`labkit serve --workers 2`: two processes behind one port, one Redis store. A
+    keep-alive connection stays with one worker (/health names its pid), so the test
+    holds one connection to each: a session continues from worker to worker, and a
+    session streaming on one worker is 409 on the other (each worker's in-process busy
+    set alone would miss it: the lock is the store's)."""
+    server = make_chat(slow_sim, store_url=redis_store_url, workers=2)
+    by_pid: dict[int, httpx.Client] = {}
+
+    def connect() -> bool:
+        c = httpx.Client(base_url=server.url, timeout=30)
+        pid = c.get("/health").json()["worker_pid"]
+        if pid in by_pid:
+            c.close()
+        else:
+            by_pid[pid] = c
+        return len(by_pid) == 2
+
+    assert wait_for(connect, timeout=30), "both workers should answer on the one port"
+    a, b = by_pid.values()
+    try:
+        sid = a.post("/chat/new", json={"message": "on worker A"}).json()["session_id"]
+        assert b.post(f"/chat/{sid}", json={"message": "on worker B"}).json()["turn_count"] == 2
+        started, out = threading.Event(), {}
+
+        def hold() -> None:
+            with a.stream("POST", f"/chat/stream/{sid}", json={"message": "slow, on A"}) as r:
+                for line in r.iter_lines():
+                    if '"text"' in line:
+                        started.set()
+                    if '"done"' in line:
+                        out["done"] = json.loads(line.removeprefix("data: "))
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert started.wait(10)
+        busy = b.post(f"/chat/{sid}", json={"message": "race, on B"})
+        t.join(20)
+        assert busy.status_code == 409 and busy.json()["error"] == "session_busy"
+        assert out["done"]["stored"] and out["done"]["turn_count"] == 3
+        assert b.get(f"/sessions/{sid}/history").json()["turn_count"] == 3
+    finally:
+        for c in by_pid.values():
+            c.close()
+
+
 # ── bad input: 4xx JSON, nothing stored ──────────────────────────────────────
 
 BAD = [
@@ -379,3 +428,25 @@ def test_input_tokens_count_the_cached_prefix_of_the_real_model(llama_api, make_
     assert second["usage"]["input"] > first["usage"]["input"] + first["usage"]["output"]
     stats = ChatClient(server.url).stats(first["session_id"])
     assert stats["input_tokens"] == first["usage"]["input"] + second["usage"]["input"]
+
+
+def test_turns_lease_the_least_busy_upstream_pool_and_the_first_when_idle():
+    """ModelAPI note 2: several small HTTP pools; a turn gets the pool with the fewest
+    turns in flight, and requests one at a time always reuse the first (warm) pool."""
+    from labkit.server.model_api import POOL_CONNECTIONS, ModelAPI
+    from labkit.server.settings import Settings
+
+    api = ModelAPI(
+        Settings(
+            provider="local",
+            base_url="http://127.0.0.1:9",
+            max_upstream_connections=3 * POOL_CONNECTIONS,
+        )
+    )
+    first = api.client()
+    with api.lease() as one:
+        assert one is first
+    with api.lease() as one, api.lease() as two, api.lease() as three, api.lease() as four:
+        assert len({id(one), id(two), id(three)}) == 3 and four is one
+    with api.lease() as again:
+        assert again is first

@@ -18,6 +18,7 @@ SSE framing in :mod:`labkit.server.sse`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
@@ -58,7 +59,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     """Open to all; the model API and store are named only to requests with the key."""
     if not request.scope.get("labkit.authorized", True):
         return {"ok": True}
-    return {"ok": True, **service.describe()}
+    return {"ok": True, "worker_pid": os.getpid(), **service.describe()}
 
 
 @router.post(

@@ -19,11 +19,21 @@ Notes:
 5. uvicorn runs with the head bound of :mod:`labkit.server.limits` and the logging
    configuration of :mod:`labkit.server.redact` (secrets redacted, no tracebacks below
    ``debug``).
+6. ``workers=N`` (``labkit serve --workers N``) runs N server processes on one port. The
+   parent binds N listening sockets to the port with ``SO_REUSEPORT`` (the kernel spreads
+   new connections over them by address hash, so no worker has to win an accept race),
+   forks one worker per socket before any thread or event loop exists, then only
+   supervises: it forwards SIGINT/SIGTERM to the workers and starts a new worker in
+   place of one that died. Workers share nothing but the store, which already holds the
+   sessions and the turn locks (a lock is a row in SQLite, a key in Redis), so a session
+   may move from worker to worker between turns. The local provider needs ``--base-url``
+   with workers: each worker would otherwise load its own model.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -36,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from ..errors import ConfigurationError
 from .app import create_app
 from .auth import KEY_ENV
 from .limits import uvicorn_options
@@ -54,30 +65,119 @@ def serve(
     port: int = 8000,
     access_log: bool = True,
     log_level: str = "info",
+    workers: int = 1,
 ) -> None:
-    """Run the chat API in this process until interrupted."""
-    import uvicorn
+    """Run the chat API in this process (or ``workers`` processes, note 6) until interrupted."""
+    if workers < 1:
+        raise ConfigurationError(f"--workers {workers} is not a count.", hint="Use 1 or more.")
+    if workers > 1 and (settings.provider or "local") == "local" and not settings.base_url:
+        raise ConfigurationError(
+            "With --workers, each worker would start its own local model.",
+            hint="Start one `labkit local-api` and pass its URL with --base-url.",
+        )
+    socks = _listen(host, port, workers)
+    actual = socks[0].getsockname()[1]
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    actual = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(settings),
-        access_log=access_log,
-        log_level=log_level,
-        log_config=log_config(log_level),
-        backlog=2048,
-        timeout_graceful_shutdown=3,
-        **uvicorn_options(settings),
-    )
-    server = uvicorn.Server(config)
-    if os.environ.get(WATCH_ENV, "").isdigit():
-        _watch_parent(int(os.environ[WATCH_ENV]))
-    print(f"{READY_PREFIX}http://{host}:{actual}", flush=True)
-    server.run(sockets=[sock])
+    def run(sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            create_app(settings),
+            access_log=access_log,
+            log_level=log_level,
+            log_config=log_config(log_level),
+            backlog=2048,
+            timeout_graceful_shutdown=3,
+            **uvicorn_options(settings),
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+
+    watched = int(os.environ[WATCH_ENV]) if os.environ.get(WATCH_ENV, "").isdigit() else None
+    if workers == 1:
+        if watched is not None:
+            _watch_parent(watched)
+        print(f"{READY_PREFIX}http://{host}:{actual}", flush=True)
+        run(socks[0])
+        return
+    _supervise(socks, run, ready=f"{READY_PREFIX}http://{host}:{actual}", watched=watched)
+
+
+def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (``SO_REUSEPORT`` when more than one)."""
+    socks: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if count > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, socks[0].getsockname()[1] if socks else port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        socks.append(sock)
+    return socks
+
+
+def _supervise(
+    socks: list[socket.socket],
+    run: Any,
+    *,
+    ready: str,
+    watched: int | None,
+) -> None:  # pragma: no cover - the forked side runs in the workers; tested end to end
+    """Fork one worker per socket, forward signals, replace a worker that died (note 6)."""
+    me = os.getpid()
+    children: dict[int, socket.socket] = {}
+    stopping = False
+
+    def start(sock: socket.socket) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own socket only, and it stops when the parent goes
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for other in socks:
+                if other is not sock:
+                    other.close()
+            _watch_parent(me)
+            code = 0
+            try:
+                run(sock)
+            except BaseException:
+                code = 1
+                raise
+            finally:
+                os._exit(code)
+        children[pid] = sock
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for sock in socks:
+        start(sock)
+    if watched is not None:
+        _watch_parent(watched)
+    print(ready, flush=True)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        sock = children.pop(pid, None)
+        if sock is not None and not stopping:
+            print(
+                f"labkit serve: worker {pid} exited ({os.waitstatus_to_exitcode(status)}); "
+                "starting another",
+                file=sys.stderr,
+                flush=True,
+            )
+            start(sock)
 
 
 WATCH_ENV = "LABKIT_SERVE_PARENT_PID"
@@ -102,6 +202,7 @@ class ChatServer:
     """``labkit serve`` in a child process. Use as a context manager.
 
     ``ChatServer(store_url=..., base_url=..., provider=..., **settings)``; attributes
+    ``workers=N`` runs ``labkit serve --workers N`` (note 6). Attributes
     ``.url``, ``.port``, ``.log_path``, ``.server_key``; methods ``start()``, ``stop()``,
     ``restart()``, ``log_text()``, ``client()`` (a :class:`ChatClient` with the key).
     """
@@ -114,9 +215,11 @@ class ChatServer:
         access_log: bool = False,
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
+        workers: int = 1,
         **settings: Any,
     ) -> None:
         Settings(**settings)  # fail early on a wrong name
+        self.workers = workers
         self.settings = settings
         self.server_key: str | None = settings.get("server_key")
         self.host = host
@@ -163,6 +266,8 @@ class ChatServer:
             cmd += [flags[key], str(value)]
         if not self.access_log:
             cmd.append("--no-access-log")
+        if self.workers != 1:
+            cmd += ["--workers", str(self.workers)]
         return cmd
 
     def start(self) -> ChatServer:

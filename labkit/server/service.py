@@ -349,11 +349,12 @@ class ChatService:
         stream: upstream.AsyncTextStream | None = None
         request = self.model_api.request(turn.system, turn.messages)
         try:
-            async with upstream.astream(self.model_api.client(), request) as stream:
-                async for text in stream.text_stream:
-                    if text:
-                        yield {"text": text}
-                reply = await stream.reply()
+            with self.model_api.lease() as client:
+                async with upstream.astream(client, request) as stream:
+                    async for text in stream.text_stream:
+                        if text:
+                            yield {"text": text}
+                    reply = await stream.reply()
             estimate = int(turn.context.get("estimated_tokens") or 0)
             usage = _usage(reply, estimate)
             if not reply.text.strip():
