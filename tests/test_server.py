@@ -450,3 +450,33 @@ def test_turns_lease_the_least_busy_upstream_pool_and_the_first_when_idle():
         assert len({id(one), id(two), id(three)}) == 3 and four is one
     with api.lease() as again:
         assert again is first
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_turn_is_durable_once_done_says_stored_even_under_kill_9(
+    chat_sim, make_chat, request, store
+):
+    """`stored: true` in the done event is a promise: the server is SIGKILLed the moment
+    the client reads it (no shutdown, no flush), and a new server on the same store has
+    the turn."""
+    import os
+    import signal
+
+    settings = (
+        {} if store == "sqlite" else {"store_url": request.getfixturevalue("redis_store_url")}
+    )
+    server = make_chat(chat_sim, **settings)
+    c = httpx.Client(base_url=server.url, timeout=30)
+    with c, c.stream("POST", "/chat/stream/new", json={"message": "keep me"}) as r:
+        for line in r.iter_lines():
+            if '"done"' in line:
+                done = json.loads(line.removeprefix("data: "))
+                os.kill(server.proc.pid, signal.SIGKILL)
+                break
+    assert done["stored"] is True
+    server.proc.wait(10)
+    server.proc = None
+    server.start()
+    with ChatClient(server.url) as c:
+        hist = c.history(done["session_id"])
+    assert hist["turn_count"] == 1 and hist["messages"][0]["content"] == "keep me"
