@@ -42,6 +42,17 @@ Notes on deliberate choices:
    sequences do not apply inside a tool call's input; trailing whitespace the grammar
    allows after the JSON is dropped. With ``tool_choice`` ``auto`` (or none given)
    the model answers in text and the tools are not shown to it.
+8. The decoding loop is llama.cpp's own calls (``llama_decode`` on a one-token batch,
+   ``llama_sampler_sample`` on the sampler chain llama-cpp's ``generate`` would build,
+   token pieces cached per id), not ``Llama.generate``. The point is the GIL:
+   between handing a piece to the event loop and starting the next ``llama_decode``,
+   ``generate`` makes another ctypes call, which releases the GIL; the event loop,
+   just woken by the piece, takes it and the model waits until the loop has written
+   the SSE frame. Here nothing between ``emit`` and ``llama_decode`` releases the GIL
+   (but the wake-up write itself), so the loop's work overlaps the next token's
+   computation. Prefix reuse is ``generate``'s (:meth:`LlamaEngine._prefill`), and
+   ``input_ids``/``n_tokens`` are kept as it keeps them, so scoring and the prefix
+   cache see the same state.
 """
 
 from __future__ import annotations
@@ -182,6 +193,7 @@ class LlamaEngine:
         self.cache = cache
         self.prefix_cache = cache
         self._grammars: dict[str, Any] = {}
+        self._pieces: dict[int, bytes] = {}
         self.metrics = metrics or Metrics()
         self._lock: asyncio.Lock | None = None
         self._eog = {self.llm.token_eos()}
@@ -253,12 +265,8 @@ class LlamaEngine:
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         llm = self.llm
-        n = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        # llama-cpp re-evaluates at least one token when the whole prompt matches
+        n = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        # at least one token is re-evaluated when the whole prompt matches (see _prefill)
         return min(n, len(tokens) - 1)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
@@ -395,6 +403,34 @@ class LlamaEngine:
         reason, n, _ = end
         return ("tool_use" if reason == "end_turn" else reason, spent + n, None)
 
+    def _prefill(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens``, reusing the KV cache's common prefix (note 8).
+
+        The same reuse as llama-cpp's ``Llama.generate``: the longest common prefix
+        stays, at least one token is re-evaluated (unless the cache holds exactly
+        ``tokens`` with live logits), and the rest is evaluated in ``n_batch`` chunks.
+        """
+        llm = self.llm
+        keep = 0
+        if llm.n_tokens > 0:
+            common = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+            if common == len(tokens) == llm.n_tokens and not llm._requires_eval:
+                return  # the logits of the last prompt token are live
+            keep = common - 1 if common == len(tokens) else common
+        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+        else:
+            llm.reset()
+            keep = 0
+        llm.eval(tokens[keep:])
+
+    def _piece(self, tok: int) -> bytes:
+        """The bytes of token ``tok`` (``Llama.detokenize([tok])``), cached per token id."""
+        piece = self._pieces.get(tok)
+        if piece is None:
+            piece = self._pieces[tok] = self.llm.detokenize([tok])
+        return piece
+
     def _decode(
         self,
         tokens: list[int],
@@ -405,11 +441,14 @@ class LlamaEngine:
         stops: list[str],
         grammar: Any = None,
     ) -> tuple[str, int, str | None] | None:
-        """Generate after ``tokens``, handing text pieces to ``emit``; None if cancelled."""
+        """Generate after ``tokens``, handing text pieces to ``emit``; None if cancelled (note 8)."""
+        import llama_cpp
+
         llm = self.llm
         temp = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-        gen = llm.generate(
-            tokens,
+        # the sampler chain llama-cpp's generate() builds (penalties, grammar, top-k,
+        # top-p, min-p, temperature, seeded dist; greedy at temperature 0)
+        sampler = llm._init_sampler(
             temp=temp,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=40 if req.top_k is None else req.top_k,
@@ -420,39 +459,64 @@ class LlamaEngine:
             grammar=grammar,
         )
         try:
+            self._prefill(tokens)
+            chain, ctx = sampler.sampler, llm._ctx.ctx
+            batch = llm._batch.batch
+            decode, sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
+            input_ids, eog, metrics = llm.input_ids, self._eog, self.metrics
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stops = [s for s in stops if s]
             pending = ""
             n = 0
             reason, matched = "end_turn", None
-            for tok in gen:
+            tok = sample(chain, ctx, -1)
+            while True:
                 if stop.is_set():
                     return None
-                if tok in self._eog:
+                if tok in eog:
                     break
                 n += 1
-                self.metrics.tokens_generated += 1
-                pending += decoder.decode(llm.detokenize([tok]))
-                hit = _find_stop(pending, stops)
-                if hit is not None:
-                    idx, matched = hit
-                    if pending[:idx]:
-                        emit(pending[:idx])
-                    pending, reason = "", "stop_sequence"
-                    break
-                keep = _holdback(pending, stops)
+                metrics.tokens_generated += 1
+                pending += decoder.decode(self._piece(tok))
+                if stops:
+                    hit = _find_stop(pending, stops)
+                    if hit is not None:
+                        idx, matched = hit
+                        if pending[:idx]:
+                            emit(pending[:idx])
+                        pending, reason = "", "stop_sequence"
+                        break
+                    keep = _holdback(pending, stops)
+                else:
+                    keep = 0
                 if len(pending) > keep:
                     emit(pending[: len(pending) - keep])
                     pending = pending[len(pending) - keep :]
                 if n >= budget:
                     reason = "max_tokens"
                     break
+                # evaluate the token just sampled: nothing between emit() and llama_decode
+                # lets go of the GIL (note 8), so the event loop's work on this piece runs
+                # while the model computes the next one
+                pos = llm.n_tokens
+                batch.n_tokens = 1
+                batch.token[0] = tok
+                batch.pos[0] = pos
+                batch.n_seq_id[0] = 1
+                batch.seq_id[0][0] = 0
+                batch.logits[0] = True
+                rc = decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                input_ids[pos] = tok
+                llm.n_tokens = pos + 1
+                tok = sample(chain, ctx, -1)
             pending += decoder.decode(b"", final=True)
             if pending:
                 emit(pending)
             return reason, n, matched
         finally:
-            gen.close()
+            sampler.close()
 
     async def score(
         self, system: str, messages: list[ChatMessage], prefill: str, candidates: list[str]
@@ -525,6 +589,17 @@ class _TrailingSpace:
 
     def close(self) -> None:
         self.held = ""
+
+
+def _common_prefix(cached: Any, tokens: list[int]) -> int:
+    """Length of the common prefix of ``cached`` (a numpy array of token ids) and ``tokens``."""
+    import numpy as np
+
+    m = min(len(cached), len(tokens))
+    if m == 0:
+        return 0
+    diff = np.flatnonzero(cached[:m] != np.asarray(tokens[:m], dtype=cached.dtype))
+    return int(diff[0]) if len(diff) else m
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
