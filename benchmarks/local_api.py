@@ -44,7 +44,6 @@ from pathlib import Path
 
 import anthropic
 import httpx
-import httpx2  # the HTTP client the Anthropic SDK is built on
 import openai
 
 from labkit.localapi import MODEL_ID, LocalAPIServer
@@ -230,17 +229,16 @@ def peer_section(args: argparse.Namespace) -> None:
         LocalAPIServer("llama", n_threads=args.threads) as api,
         llama_server(binary, decode, batch, cache=cache) as (peer_url, peer_proc),
     ):
-        # idle connections are dropped after 1 s on both clients, before llama-server's
-        # keep-alive timeout closes them under the client (a "Connection error" otherwise)
+        # a new connection per request on both sides ("Connection: close"): a kept-alive
+        # connection to llama-server is sometimes closed under the client between two
+        # requests ("Server disconnected without sending a response")
         clients = {
             side: anthropic.Anthropic(
                 base_url=url,
                 api_key="bench",
                 max_retries=0,
                 timeout=300,
-                http_client=anthropic.DefaultHttpxClient(
-                    limits=httpx2.Limits(max_connections=10, keepalive_expiry=1.0)
-                ),
+                default_headers={"Connection": "close"},
             )
             for side, url in (("api", api.base_url), ("peer", peer_url))
         }
