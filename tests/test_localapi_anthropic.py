@@ -392,3 +392,16 @@ def test_llama_default_threads_leave_a_core_for_the_server_when_decoding(monkeyp
     for cores, expected in ((1, (1, 1)), (2, (1, 2)), (8, (7, 8))):
         monkeypatch.setattr(llama, "available_cores", lambda c=cores: c)
         assert llama.default_threads() == expected
+
+
+@pytest.mark.parametrize("text", ["hello", ' a"\\b\n\t\x01é\u2028\x7f😀', ""])
+def test_text_delta_frame_is_the_models_frame_byte_for_byte(text):
+    from anthropic.types import RawContentBlockDeltaEvent, TextDelta
+
+    from labkit.localapi.anthropic_wire import frame, text_delta_frame
+
+    for index in (0, 3):
+        event = RawContentBlockDeltaEvent(
+            type="content_block_delta", index=index, delta=TextDelta(type="text_delta", text=text)
+        )
+        assert text_delta_frame(index, text) == frame("content_block_delta", event)

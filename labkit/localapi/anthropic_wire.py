@@ -43,7 +43,6 @@ from anthropic.types import (
     RawMessageStartEvent,
     RawMessageStopEvent,
     TextBlock,
-    TextDelta,
     ToolUseBlock,
     Usage,
 )
@@ -70,6 +69,7 @@ __all__ = [
     "frame",
     "parse_messages_request",
     "stream_frames",
+    "text_delta_frame",
 ]
 
 
@@ -166,6 +166,21 @@ def frame(event: str, payload: Any) -> bytes:
     else:
         data = json.dumps(payload, separators=(",", ":"))
     return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def text_delta_frame(index: int, text: str) -> bytes:
+    """The ``content_block_delta`` frame of a text piece, the one frame sent per token.
+
+    Byte for byte what :func:`frame` makes of ``RawContentBlockDeltaEvent(index=index,
+    delta=TextDelta(text=text))`` (the test suite checks), without building the models.
+    """
+    return (
+        'event: content_block_delta\ndata: {"delta":{"text":'
+        f'{_encode_str(text)},"type":"text_delta"}},"index":{index},"type":"content_block_delta"}}\n\n'
+    ).encode()
 
 
 def _block_text(block: Any, where: str) -> str:
@@ -408,14 +423,7 @@ async def stream_frames(
             if first and on_first is not None:
                 on_first()
             first = False
-            yield frame(
-                "content_block_delta",
-                RawContentBlockDeltaEvent(
-                    type="content_block_delta",
-                    index=index,
-                    delta=TextDelta(type="text_delta", text=ev.text),
-                ),
-            )
+            yield text_delta_frame(index, ev.text)
         elif isinstance(ev, ToolStart):
             if open_kind is not None:
                 yield frame(

@@ -42,6 +42,24 @@ Notes on deliberate choices:
    sequences do not apply inside a tool call's input; trailing whitespace the grammar
    allows after the JSON is dropped. With ``tool_choice`` ``auto`` (or none given)
    the model answers in text and the tools are not shown to it.
+8. The decoding loop is llama.cpp's own calls (``llama_decode`` on a one-token batch,
+   ``llama_sampler_sample`` on the sampler chain llama-cpp's ``generate`` would build,
+   token pieces cached per id), not ``Llama.generate``. The point is the GIL:
+   between handing a piece to the event loop and starting the next ``llama_decode``,
+   ``generate`` makes another ctypes call, which releases the GIL; the event loop,
+   just woken by the piece, takes it and the model waits until the loop has written
+   the SSE frame. Here nothing between ``emit`` and ``llama_decode`` releases the GIL
+   (but the wake-up write itself), so the loop's work overlaps the next token's
+   computation. Prefix reuse is ``generate``'s (:meth:`LlamaEngine._prefill`), and
+   ``input_ids``/``n_tokens`` are kept as it keeps them, so scoring and the prefix
+   cache see the same state.
+9. Time to first token. The worker thread, not :meth:`LlamaEngine.stream`, sends
+   ``Started``, once the prompt is tokenised, the sampler built and the KV cache
+   trimmed, right before the first ``llama_decode``: the app's work on ``Started``
+   (response headers, ``message_start``) then runs while the prompt is evaluated
+   instead of holding the GIL the worker's setup needs. A failure before that is
+   still an HTTP error status. The prompt is tokenised once per request (the app's
+   context check and the engine share the last prompt's tokens).
 """
 
 from __future__ import annotations
@@ -182,6 +200,8 @@ class LlamaEngine:
         self.cache = cache
         self.prefix_cache = cache
         self._grammars: dict[str, Any] = {}
+        self._pieces: dict[int, bytes] = {}
+        self._last_prompt: tuple[str, tuple[int, ...]] | None = None
         self.metrics = metrics or Metrics()
         self._lock: asyncio.Lock | None = None
         self._eog = {self.llm.token_eos()}
@@ -192,9 +212,18 @@ class LlamaEngine:
 
     # tokens
     def tokens(self, system: str, messages: list[ChatMessage], prefill: str = "") -> list[int]:
-        """The exact prompt tokens fed to the model."""
+        """The exact prompt tokens fed to the model.
+
+        The last prompt's tokens are remembered: a request is counted (the app's
+        context check) and then fed, and is tokenised once (note 9).
+        """
         text = render_chatml(system, messages, prefill)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        last = self._last_prompt
+        if last is not None and last[0] == text:
+            return list(last[1])
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        self._last_prompt = (text, tuple(ids))
+        return ids
 
     def prompt_system(self, req: GenerationRequest) -> str:
         """The system text the model sees for ``req`` (with a tool or JSON instruction)."""
@@ -253,12 +282,8 @@ class LlamaEngine:
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         llm = self.llm
-        n = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        # llama-cpp re-evaluates at least one token when the whole prompt matches
+        n = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        # at least one token is re-evaluated when the whole prompt matches (see _prefill)
         return min(n, len(tokens) - 1)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
@@ -282,13 +307,13 @@ class LlamaEngine:
             def release() -> None:
                 loop.call_soon_threadsafe(lock.release)
 
+            ready = _Once(lambda: put(Started(input_tokens=len(tokens), cached_tokens=cached)))
             worker = threading.Thread(
-                target=self._run, args=(tokens, req, plan, stop, put, release), daemon=True
+                target=self._run, args=(tokens, req, plan, stop, put, release, ready), daemon=True
             )
             worker.start()
             thread_started = True
-            yield Started(input_tokens=len(tokens), cached_tokens=cached)
-            while True:
+            while True:  # Started comes first, from the worker (note 9)
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
@@ -331,6 +356,7 @@ class LlamaEngine:
         stop: threading.Event,
         put: Callable[[Any], None],
         release: Callable[[], None],
+        ready: Callable[[], None],
     ) -> None:
         llm = self.llm
         self.metrics.engine_busy = 1
@@ -338,13 +364,17 @@ class LlamaEngine:
             llm.set_seed(req.seed if req.seed is not None else random.randrange(2**31))
             budget = min(req.max_tokens, CONTEXT_WINDOW - len(tokens))
             if plan["kind"] == "text":
-                end = self._decode(tokens, req, stop, lambda t: put(TextPiece(t)), budget, req.stop)
+                end = self._decode(
+                    tokens, req, stop, lambda t: put(TextPiece(t)), budget, req.stop, ready=ready
+                )
             elif plan["kind"] == "json":
                 emit = _TrailingSpace(lambda t: put(TextPiece(t)))
-                end = self._decode(tokens, req, stop, emit, budget, req.stop, plan["grammar"])
+                end = self._decode(
+                    tokens, req, stop, emit, budget, req.stop, plan["grammar"], ready=ready
+                )
                 emit.close()
             else:
-                end = self._tool_call(tokens, req, plan, stop, put, budget)
+                end = self._tool_call(tokens, req, plan, stop, put, budget, ready)
             if end is None:  # cancelled
                 return
             reason, n, matched = end
@@ -363,13 +393,21 @@ class LlamaEngine:
         stop: threading.Event,
         put: Callable[[Any], None],
         budget: int,
+        ready: Callable[[], None],
     ) -> tuple[str, int, str | None] | None:
         spent = 0
         tools = plan["tools"]
         if "names" in plan:  # choose among several tools first (note 7)
             picked: list[str] = []
             end = self._decode(
-                tokens, req, stop, picked.append, min(_NAME_BUDGET, budget), [], plan["names"]
+                tokens,
+                req,
+                stop,
+                picked.append,
+                min(_NAME_BUDGET, budget),
+                [],
+                plan["names"],
+                ready=ready,
             )
             if end is None:
                 return None
@@ -386,14 +424,58 @@ class LlamaEngine:
         else:
             name = next(iter(tools))
         grammar = tools[name][1]
+        ready()  # Started precedes the tool_use block (a no-op after a name was chosen)
         put(ToolStart(id="toolu_" + secrets.token_hex(12), name=name))
         emit = _TrailingSpace(lambda t: put(ToolInput(partial_json=t)))
-        end = self._decode(tokens, req, stop, emit, budget, [], grammar)
+        end = self._decode(tokens, req, stop, emit, budget, [], grammar, ready=ready)
         if end is None:
             return None
         emit.close()
         reason, n, _ = end
         return ("tool_use" if reason == "end_turn" else reason, spent + n, None)
+
+    def _prefill(self, tokens: list[int], ready: Callable[[], None] | None) -> None:
+        """Evaluate ``tokens``, reusing the KV cache's common prefix (note 8).
+
+        The same reuse as llama-cpp's ``Llama.generate``: the longest common prefix
+        stays, at least one token is re-evaluated (unless the cache holds exactly
+        ``tokens`` with live logits), and the rest is evaluated in ``n_batch`` chunks.
+        ``ready`` is called just before the first ``llama_decode`` (note 9).
+        """
+        import llama_cpp
+
+        llm = self.llm
+        keep = 0
+        if llm.n_tokens > 0:
+            common = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+            if common == len(tokens) == llm.n_tokens and not llm._requires_eval:
+                if ready is not None:
+                    ready()
+                return  # the logits of the last prompt token are live
+            keep = common - 1 if common == len(tokens) else common
+        if keep <= 0 or not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llm.n_tokens = keep
+        ctx, batch = llm._ctx.ctx, llm._batch
+        if ready is not None:
+            ready()
+        for i in range(keep, len(tokens), llm.n_batch):
+            chunk = tokens[i : i + llm.n_batch]
+            batch.set_batch(chunk, n_past=i, logits_all=False)
+            rc = llama_cpp.llama_decode(ctx, batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            llm.input_ids[i : i + len(chunk)] = chunk
+            llm.n_tokens = i + len(chunk)
+        llm._requires_eval = False
+
+    def _piece(self, tok: int) -> bytes:
+        """The bytes of token ``tok`` (``Llama.detokenize([tok])``), cached per token id."""
+        piece = self._pieces.get(tok)
+        if piece is None:
+            piece = self._pieces[tok] = self.llm.detokenize([tok])
+        return piece
 
     def _decode(
         self,
@@ -404,12 +486,17 @@ class LlamaEngine:
         budget: int,
         stops: list[str],
         grammar: Any = None,
+        *,
+        ready: Callable[[], None] | None = None,
     ) -> tuple[str, int, str | None] | None:
-        """Generate after ``tokens``, handing text pieces to ``emit``; None if cancelled."""
+        """Generate after ``tokens``, handing text pieces to ``emit``; None if cancelled (note 8)."""
+        import llama_cpp
+
         llm = self.llm
         temp = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-        gen = llm.generate(
-            tokens,
+        # the sampler chain llama-cpp's generate() builds (penalties, grammar, top-k,
+        # top-p, min-p, temperature, seeded dist; greedy at temperature 0)
+        sampler = llm._init_sampler(
             temp=temp,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=40 if req.top_k is None else req.top_k,
@@ -420,39 +507,64 @@ class LlamaEngine:
             grammar=grammar,
         )
         try:
+            self._prefill(tokens, ready)
+            chain, ctx = sampler.sampler, llm._ctx.ctx
+            batch = llm._batch.batch
+            decode, sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
+            input_ids, eog, metrics = llm.input_ids, self._eog, self.metrics
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stops = [s for s in stops if s]
             pending = ""
             n = 0
             reason, matched = "end_turn", None
-            for tok in gen:
+            tok = sample(chain, ctx, -1)
+            while True:
                 if stop.is_set():
                     return None
-                if tok in self._eog:
+                if tok in eog:
                     break
                 n += 1
-                self.metrics.tokens_generated += 1
-                pending += decoder.decode(llm.detokenize([tok]))
-                hit = _find_stop(pending, stops)
-                if hit is not None:
-                    idx, matched = hit
-                    if pending[:idx]:
-                        emit(pending[:idx])
-                    pending, reason = "", "stop_sequence"
-                    break
-                keep = _holdback(pending, stops)
+                metrics.tokens_generated += 1
+                pending += decoder.decode(self._piece(tok))
+                if stops:
+                    hit = _find_stop(pending, stops)
+                    if hit is not None:
+                        idx, matched = hit
+                        if pending[:idx]:
+                            emit(pending[:idx])
+                        pending, reason = "", "stop_sequence"
+                        break
+                    keep = _holdback(pending, stops)
+                else:
+                    keep = 0
                 if len(pending) > keep:
                     emit(pending[: len(pending) - keep])
                     pending = pending[len(pending) - keep :]
                 if n >= budget:
                     reason = "max_tokens"
                     break
+                # evaluate the token just sampled: nothing between emit() and llama_decode
+                # lets go of the GIL (note 8), so the event loop's work on this piece runs
+                # while the model computes the next one
+                pos = llm.n_tokens
+                batch.n_tokens = 1
+                batch.token[0] = tok
+                batch.pos[0] = pos
+                batch.n_seq_id[0] = 1
+                batch.seq_id[0][0] = 0
+                batch.logits[0] = True
+                rc = decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                input_ids[pos] = tok
+                llm.n_tokens = pos + 1
+                tok = sample(chain, ctx, -1)
             pending += decoder.decode(b"", final=True)
             if pending:
                 emit(pending)
             return reason, n, matched
         finally:
-            gen.close()
+            sampler.close()
 
     async def score(
         self, system: str, messages: list[ChatMessage], prefill: str, candidates: list[str]
@@ -509,6 +621,18 @@ class LlamaEngine:
             self.metrics.engine_busy = 0
 
 
+class _Once:
+    """Calls ``fn`` the first time it is called, never again."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 class _TrailingSpace:
     """Passes text on, holding back trailing whitespace until more text follows (note 7)."""
 
@@ -525,6 +649,17 @@ class _TrailingSpace:
 
     def close(self) -> None:
         self.held = ""
+
+
+def _common_prefix(cached: Any, tokens: list[int]) -> int:
+    """Length of the common prefix of ``cached`` (a numpy array of token ids) and ``tokens``."""
+    import numpy as np
+
+    m = min(len(cached), len(tokens))
+    if m == 0:
+        return 0
+    diff = np.flatnonzero(cached[:m] != np.asarray(tokens[:m], dtype=cached.dtype))
+    return int(diff[0]) if len(diff) else m
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
