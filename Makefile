@@ -12,6 +12,11 @@ STAMP  := $(VENV)/.labkit-installed
 # their results go to a temporary folder so `make test` never overwrites the committed results/.
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most tests wait on servers and simulated latency, not the CPU.
+# tests/conftest.py keeps each notebook's cells (and a few costly module fixtures) on one
+# worker and hands out the long notebooks first. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: help install labs lab test test-fast matrix lint bench peer browser-deps clean
 
@@ -70,10 +75,10 @@ browser-deps:
 	  else echo "note: no chromium on PATH; the browser test will fail (apt-get install chromium)"; fi; }
 
 test: $(STAMP) browser-deps lint  ## run the whole test suite, notebooks included (nbval)
-	LABKIT_QUICK=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
+	LABKIT_QUICK=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(XDIST) $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
 
 test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser, no notebooks
-	$(PY) -m pytest -p no:cacheprovider -ra -m "not slow and not llama and not browser" tests
+	$(PY) -m pytest -p no:cacheprovider -ra $(XDIST) -m "not slow and not llama and not browser" tests
 
 # The provider matrix: every notebook in quick mode with LABKIT_PROVIDER=anthropic and =openai,
 # each aimed by base URL at a local llama API (make test runs notebook 01 for each provider).

@@ -26,6 +26,40 @@ try:
 except ImportError:  # hypothesis is a dev extra; tests that use it import it themselves
     pass
 
+# ── parallel runs (pytest-xdist: `make test` runs `-n 2 --dist loadgroup`) ─────
+# Tests are handed to the two workers one by one, except these units, each kept on one
+# worker in order: a notebook's cells (nbval runs them on one kernel), and the files whose
+# module fixture is costly to start twice. xdist hands out the largest units first, so the
+# long notebooks start at once rather than last. (xdist_group marks would say the same,
+# but pytest 9 ignores the node ids xdist 3.8 rewrites for them: the scheduler does it.)
+_ONE_WORKER_FILES = {
+    "test_server_faults.py",  # 6 sims and 7 chat servers, module scope
+    "test_server_fuzz.py",  # two chat servers under fuzz, module scope
+    "test_interop.py",  # llama_cpp.server on the real model, module scope
+}
+
+
+def _xdist_unit(nodeid: str) -> str:
+    """What a test is scheduled with: its notebook or one of the files above, else itself."""
+    path = nodeid.split("::", 1)[0]
+    if path.endswith(".ipynb") or path.rsplit("/", 1)[-1] in _ONE_WORKER_FILES:
+        return path
+    return nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    if config.getvalue("dist") != "loadgroup":
+        return None  # xdist's own scheduler for any other --dist
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_unit(nodeid)
+
+    return UnitScheduling(config, log)
+
+
 # ── Redis: a real server, never a fake ────────────────────────────────────────
 
 
