@@ -38,6 +38,12 @@ Notes:
    lock there) belongs to the response, not to the event generator: a generator that
    never started (the client left before the first event) never runs ``finally``.
    :class:`ChatEventResponse` runs ``on_close`` after the response ends, always.
+7. The response head (status and headers) is held back until the first event, then
+   written just before it: sse-starlette sends it before the first event exists, and
+   that write (and the wake-up of the client it causes) would otherwise come before
+   the chat API has sent its request upstream, on the path to the first token (see
+   :mod:`labkit.server.service` note 9). A client sees the head at most one upstream
+   round trip later; the events and their order are unchanged.
 """
 
 from __future__ import annotations
@@ -97,8 +103,20 @@ class ChatEventResponse(EventSourceResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        head: dict[str, Any] | None = None
+
+        async def send_head_with_first_event(message: dict[str, Any]) -> None:
+            nonlocal head
+            if message["type"] == "http.response.start":
+                head = message  # note 7
+                return
+            if head is not None:
+                start, head = head, None
+                await send(start)
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_head_with_first_event)
         finally:
             if self._on_close is not None:
                 await self._on_close()
