@@ -47,6 +47,7 @@ def test_notebook_runs_as_a_key_holder_would(provider, notebook, llama_api, monk
 @pytest.mark.slow
 @pytest.mark.llama
 @pytest.mark.matrix
+@pytest.mark.timeout(900)  # a whole notebook, like nbval's per-cell limit in make test
 def test_notebook_01_runs_on_llama_server_as_the_anthropic_peer(
     llama_server, monkeypatch, tmp_path
 ):
