@@ -102,7 +102,8 @@ test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser,
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not slow and not llama and not browser" tests
 
 # The provider matrix: every notebook in quick mode with LABKIT_PROVIDER=anthropic and =openai,
-# each aimed by base URL at a local llama API (make test runs notebook 01 for each provider).
+# each aimed by base URL at a local llama API (make test runs notebook 01 for each provider),
+# and notebook 01 with LABKIT_PROVIDER=anthropic aimed at llama.cpp's llama-server.
 matrix: $(STAMP) $(SERVER_STAMP)  ## run every notebook as a key-holder would (anthropic and openai paths, local API behind)
 	LABKIT_MATRIX=all $(PY) -m pytest -p no:cacheprovider -ra -m matrix tests/test_provider_matrix.py
 
