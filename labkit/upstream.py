@@ -242,7 +242,8 @@ class MessageAccumulator:
 
     ``add(event)`` returns the event's text delta ("" for every other event). Usage comes
     from ``message_start`` and is updated by ``message_delta``, as the SDK's own
-    accumulator does; a stream that carried no usage at all gives ``usage_reported=False``.
+    accumulator does; a stream that carried no prompt count (no ``message_start``, or no
+    usage at all) gives ``usage_reported=False`` rather than a zero that looks measured.
     A server that omits ``message_start`` (llama.cpp's ``llama-server`` sometimes does)
     still yields its text: :attr:`saw_message_start` records the lapse.
     """
@@ -275,7 +276,9 @@ class MessageAccumulator:
 
     def reply(self) -> Reply:
         text = "".join(self.parts)
-        if not self.usage:
+        if self.usage.get("input_tokens") is None:
+            # No prompt count (no message_start, or a server that sends no usage): output
+            # tokens alone would store a measured-looking zero for the prompt.
             return Reply(text, 0, 0, self.stop_reason, usage_reported=False)
         cached = self.usage.get("cache_read_input_tokens") or 0
         created = self.usage.get("cache_creation_input_tokens") or 0

@@ -189,6 +189,31 @@ def llama_api() -> Iterator[object]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[object]:
+    """llama.cpp's own ``llama-server`` on the same SmolLM2 GGUF (labkit.services note 4):
+    the Anthropic-format peer (``.base_url``; ``.openai_base_url`` for OpenAI). Starting
+    it (loading the model, a warm-up decode) takes one to a few seconds, so one server
+    serves the session.
+
+    Without the binary the test is skipped with a reason naming ``make peer``, except
+    under ``make test`` (``LABKIT_REQUIRE_PEERS=1``), which installs it: there a missing
+    binary is a failure, never a silent pass."""
+    from labkit.errors import ConfigurationError
+    from labkit.services import ThrowawayLlamaServer, llama_server_binary
+
+    try:
+        llama_server_binary()
+    except ConfigurationError as exc:
+        if os.environ.get("LABKIT_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{exc} (LABKIT_REQUIRE_PEERS=1: make test installs it)")
+        pytest.skip(str(exc))
+    # Greedy unless a request asks otherwise (--temp 0): the tests and the notebook see the
+    # same replies, and so the same protocol lapses, on every run.
+    with ThrowawayLlamaServer(args=("--temp", "0")) as server:
+        yield server
+
+
 # ── store fixtures (labkit.store) ─────────────────────────────────────────────
 # (owned by the store area)
 

@@ -297,7 +297,7 @@ def test_message_accumulator_folds_events_and_survives_a_missing_message_start()
     assert (reply.text, reply.stop_reason, reply.output_tokens) == ("Hi!", "end_turn", 2)
     assert (reply.input_tokens, reply.cached_tokens, reply.usage_reported) == (10, 3, True)
     headless = upstream.MessageAccumulator()
-    for e in events[1:4]:
+    for e in events[1:]:  # llama-server's stream when the first token is half a character
         headless.add(e)
     assert headless.reply().text == "Hi!" and not headless.saw_message_start
     assert headless.reply().usage_reported is False

@@ -40,6 +40,13 @@ Notes:
    for a cold cache looks cached: cached prompt tokens reported, or a prompt whose
    whole non-streamed reply came back faster than its streamed first token (which a
    cold prompt cannot do: both must read the prompt first).
+8. **A stream that breaks the Anthropic protocol is named, not dropped.** Every
+   Messages stream starts with ``message_start`` (it carries the input tokens); a
+   server that starts with another event (llama.cpp's ``llama-server`` does when a
+   reply's first token is part of a multi-byte character) still streams its text, and
+   the SDK's ``text_stream`` reads it without complaint. Such a row keeps its timings,
+   says what the server sent first in ``protocol_error``, and :func:`protocol_report`
+   warns about it (its input tokens are unknown, not zero).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ __all__ = [
     "measure_call",
     "measure_stream",
     "per_prompt_table",
+    "protocol_report",
     "run_trials",
     "streaming_gain",
     "ux_rating",
@@ -270,11 +278,11 @@ def run_trials(
             "error": "",
         }
         if mode == "stream":
-            row.update(
-                measure_stream(
-                    clients, prompt, api=api, cache=cache, extra_headers=extra_headers
-                ).row()
+            timing = measure_stream(
+                clients, prompt, api=api, cache=cache, extra_headers=extra_headers
             )
+            row.update(timing.row())
+            row["protocol_error"] = _protocol_lapse(timing)
         else:
             try:
                 row.update(
@@ -515,6 +523,31 @@ def key_insight(
             f"matter (single prompts scatter around it; the table has them)."
         )
     return out
+
+
+def _protocol_lapse(timing: StreamTiming) -> str:
+    """What an Anthropic stream sent instead of starting with ``message_start`` (note 8),
+    or ""."""
+    if timing.api != "anthropic" or not timing.events:
+        return ""
+    if any(e.type == "message_start" for e in timing.events):
+        return ""
+    return f"{timing.events[0].type} before any message_start"
+
+
+def protocol_report(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Warnings about streams whose server broke the Anthropic streaming protocol (note 8)."""
+    broken = [r for r in rows if r.get("protocol_error")]
+    if not broken:
+        return []
+    streams = sum(1 for r in rows if r.get("mode") == "stream")
+    firsts = ", ".join(sorted({str(r["protocol_error"]) for r in broken}))
+    return [
+        f"{len(broken)} of {streams} stream(s) broke the Anthropic streaming protocol: the "
+        f"server sent {firsts} (every Messages stream starts with message_start). Their text "
+        "and timings are kept; their input tokens are unknown. That is the server's bug "
+        "(llama.cpp's llama-server does it when a reply starts inside a multi-byte character)."
+    ]
 
 
 def cache_report(rows: Sequence[dict[str, Any]], *, cache: bool) -> tuple[str, list[str]]:
