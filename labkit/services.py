@@ -426,15 +426,8 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL if it takes over 10 s; remove the data."""
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        _stop_process(self.process, signal.SIGINT)
+        self.process = None
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -518,6 +511,19 @@ _LLAMA_SERVER_HINT = (
     "Run `make peer` (it builds llama.cpp's llama-server once per machine: about 8 minutes "
     "on 2 cores) or `make llama-server`."
 )
+
+
+def _stop_process(process: subprocess.Popen[bytes] | None, signum: int) -> None:
+    """Send ``signum`` to a server still running, then SIGKILL it if 10 s pass."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def llama_server_binary() -> Path:
@@ -668,15 +674,8 @@ class ThrowawayLlamaServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s); remove its log."""
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        _stop_process(self.process, signal.SIGTERM)
+        self.process = None
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
