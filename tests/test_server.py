@@ -221,6 +221,45 @@ def test_disconnect_mid_stream_cancels_upstream_and_stores_nothing(chat_sim, slo
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
+def test_a_new_session_the_store_refuses_gets_503_and_its_upstream_request_is_closed(
+    slow_sim, tmp_path
+):
+    """A new session's upstream request goes out before the session is created (service
+    note 10); when the store then refuses, the client gets the store's 503 and the
+    request already sent is closed, so the upstream stops generating."""
+    import asyncio
+
+    from labkit.errors import StoreUnavailableError
+    from labkit.server import Settings, create_app
+
+    app = create_app(
+        Settings(
+            store_url=f"sqlite:///{tmp_path}/refuses.db",
+            provider="local",
+            base_url=slow_sim.base_url,
+            max_retries=0,
+        )
+    )
+
+    def refuse(**_kw: object) -> None:
+        raise StoreUnavailableError("The store is down.")
+
+    async def call() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            app.state.service.store.create_session = refuse
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+                return await c.post("/chat/stream/new", json={"message": "Hello"})
+
+    cancelled = _metric(slow_sim, "labkit_streams_cancelled_total")
+    r = asyncio.run(call())
+    assert r.status_code == 503 and r.json()["error"] == "store_unavailable", r.text
+    assert wait_for(lambda: _metric(slow_sim, "labkit_streams_cancelled_total") > cancelled), (
+        slow_sim.metrics()
+    )
+    assert wait_for(lambda: _metric(slow_sim, "labkit_active_streams") == 0)
+
+
 # ── concurrency ──────────────────────────────────────────────────────────────
 
 

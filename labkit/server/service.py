@@ -21,10 +21,10 @@ Notes (deliberate choices):
    local API counts it as a cancelled stream).
    By note 1 the partial reply is dropped and nothing is stored. Cancellation is not
    an error: nothing is logged beyond uvicorn's access line.
-3. **A session is created when its first request is accepted**, before the upstream
-   is called, so the id can be sent at once (``X-Session-Id`` header and first event)
-   and a client whose first turn failed can retry on the same id. The system prompt
-   is taken then; for an existing session a ``system_prompt`` in the body is ignored.
+3. **A session is created when its first request is accepted**, before the first
+   event, so the id can be sent at once (``X-Session-Id`` header and first event) and a
+   client whose first turn failed can retry on the same id. The system prompt is taken
+   then; for an existing session a ``system_prompt`` in the body is ignored.
 4. **Concurrent requests on one session: the second gets 409** (``session_busy``),
    immediately, instead of waiting: a chat client that sends twice is racing itself,
    and waiting would pile up requests behind a slow reply. The lock is the store's
@@ -64,6 +64,19 @@ Notes (deliberate choices):
    the response start plus the session event cost 1–5 ms of a sequential turn's TTFT
    on a loaded 2-core machine). The session id is in the ``X-Session-Id`` header from
    the first byte, and the session event still comes first in the stream.
+10. **A new session's upstream request goes out before the store is touched.** A new
+    session has no history, so what is sent upstream is known from the request alone:
+    ``prepare`` sends it and waits for the answer's head, and only then creates the
+    session and takes its lock, while the model works on the first token. The store's
+    two writes (~0.4 ms with SQLite) and the response's setup leave the path to the first
+    token (sequential added TTFT in ``benchmarks/chat_api.py``: 3.6–3.7 → 2.6–3.0 ms,
+    the course's server 3.0–3.6 in the same runs). If the store then refuses, the open
+    upstream response is closed (the model stops) and the client gets the store's error;
+    an upstream refusal is kept and told in the stream after the session event, as
+    before. A client that leaves while the head is awaited is noticed when it arrives
+    (the response's disconnect watch starts then) and its upstream response is closed.
+    An existing session is locked, then its history read under the lock, then sent: its context depends on the history, and a turn finishing in another process
+    must not slip in between the read and the lock.
 """
 
 from __future__ import annotations
@@ -117,6 +130,16 @@ class PreparedTurn:
     error: HTTPError | None = None
     #: The done event, once sent.
     done: dict[str, Any] | None = None
+    #: The open upstream response (its exit stack and text stream), between ``_open``
+    #: and the end of ``run`` (note 10).
+    opened: contextlib.AsyncExitStack | None = None
+    stream: upstream.AsyncTextStream | None = None
+    #: The upstream's refusal of a new session's request, reported in its stream.
+    open_error: UpstreamError | None = None
+
+
+def _no_lock() -> None:
+    """The release of a turn not locked yet."""
 
 
 def _busy(session_id: str) -> HTTPError:
@@ -270,25 +293,17 @@ class ChatService:
 
     # ── a turn ────────────────────────────────────────────────────────────────
 
-    def _prepare_sync(self, session_id: str, req: ChatRequest) -> PreparedTurn:
-        """Runs on the store thread: select the context, create/lock the session."""
+    def _select(
+        self, history: list[dict[str, Any]], system: str, message: str
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """What is sent upstream and the context report (note 5). ContextBudgetError →
+        413, before anything is stored."""
         from ..history import KeepLastTurns
-        from ..store import new_session_id
 
         s = self.settings
-        store = self.store
-        created = session_id == "new"
-        if created:
-            history: list[dict[str, Any]] = []
-            system = req.system_prompt or ""
-        else:
-            info = store.get_session(session_id)  # SessionNotFoundError → 404
-            system = info.system_prompt
-            history = store.load_history(session_id)
         if self._strategy is None:
             self._strategy = KeepLastTurns(s.context_budget, s.keep_turns)
-        messages = [*history, {"role": "user", "content": req.message}]
-        sel = self._strategy.select(messages, system)  # ContextBudgetError → 413, nothing stored
+        sel = self._strategy.select([*history, {"role": "user", "content": message}], system)
         context = {
             "strategy": "keep_last_turns",
             "budget_tokens": s.context_budget,
@@ -299,29 +314,74 @@ class ChatService:
             "history_turns": len(history) // 2,
             "estimated_tokens": sel.tokens,
         }
-        if created:
-            session_id = new_session_id()
-            store.create_session(
-                system_prompt=system,
-                model=self.model_api.model if self.model_api else "",
-                session_id=session_id,
-            )
+        return sel.messages, context
+
+    def _lock_sync(self, session_id: str) -> Callable[[], None]:
+        """Take the store's turn lock; the function that releases it."""
         stack = contextlib.ExitStack()
-        stack.enter_context(store.turn_lock(session_id, lease_s=s.turn_lease_seconds))
+        stack.enter_context(
+            self.store.turn_lock(session_id, lease_s=self.settings.turn_lease_seconds)
+        )
+        return stack.close
+
+    def _continue_sync(self, session_id: str, req: ChatRequest) -> PreparedTurn:
+        """Store thread, an existing session: lock it, then read its history under the
+        lock (a turn finishing elsewhere cannot slip in between), then select."""
+        info = self.store.get_session(session_id)  # SessionNotFoundError → 404
+        release = self._lock_sync(session_id)  # SessionBusyError → 409
+        try:
+            history = self.store.load_history(session_id)
+            messages, context = self._select(history, info.system_prompt, req.message)
+        except BaseException:
+            _quiet(release)()
+            raise
         return PreparedTurn(
-            session_id, created, system, req.message, sel.messages, context, stack.close
+            session_id, False, info.system_prompt, req.message, messages, context, release
         )
 
+    def _create_sync(self, turn: PreparedTurn) -> None:
+        """Store thread, a new session: create it and take its lock."""
+        self.store.create_session(
+            system_prompt=turn.system,
+            model=self.model_api.model if self.model_api else "",
+            session_id=turn.session_id,
+        )
+        turn.release = self._lock_sync(turn.session_id)
+
     async def prepare(self, session_id: str, req: ChatRequest) -> PreparedTurn:
-        """Validate, then create/lock the session. Raises HTTPError (nothing stored)."""
+        """Validate, then create/lock the session (a new one after its upstream request
+        is on its way, note 10). Raises HTTPError (nothing stored)."""
+        from ..store import new_session_id
+
         self.check_id(session_id, allow_new=True)
         self.check_message(req)
+        if session_id == "new":
+            system = req.system_prompt or ""
+            try:
+                messages, context = self._select([], system, req.message)
+            except LabkitError as exc:
+                raise http_error(exc) from None
+            turn = PreparedTurn(
+                new_session_id(), True, system, req.message, messages, context, _no_lock
+            )
+            try:
+                await self._open(turn)
+            except UpstreamError as exc:
+                turn.open_error = exc  # reported in the stream, after the session event
+            try:
+                await self._io(self._create_sync, turn)
+            except BaseException as exc:
+                await self._close_upstream(turn)
+                if isinstance(exc, LabkitError):
+                    raise http_error(exc) from None
+                raise
+            self._busy.add(turn.session_id)
+            return turn
         if session_id in self._busy:
             raise _busy(session_id)
-        if session_id != "new":
-            self._busy.add(session_id)
+        self._busy.add(session_id)
         try:
-            turn = await self._io(self._prepare_sync, session_id, req)
+            return await self._io(self._continue_sync, session_id, req)
         except LabkitError as exc:
             self._busy.discard(session_id)
             if isinstance(exc, SessionBusyError):
@@ -330,11 +390,36 @@ class ChatService:
         except BaseException:
             self._busy.discard(session_id)
             raise
-        self._busy.add(turn.session_id)
-        return turn
+
+    async def _open(self, turn: PreparedTurn) -> None:
+        """Send the turn's upstream request and wait for the answer's head; the open
+        stream (and the pool lease) are kept on the turn until ``run`` or ``finish``
+        closes them. Raises UpstreamError."""
+        assert self.model_api is not None
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = stack.enter_context(self.model_api.lease())
+            request = self.model_api.request(turn.system, turn.messages)
+            turn.stream = await stack.enter_async_context(upstream.astream(client, request))
+        except BaseException:
+            await stack.aclose()
+            raise
+        turn.opened = stack
+
+    @staticmethod
+    async def _close_upstream(turn: PreparedTurn) -> None:
+        """Close a turn's upstream response if it is open (idempotent; runs even in a
+        cancelled task: closing is what stops the upstream generating)."""
+        stack, turn.opened = turn.opened, None
+        if stack is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(stack.aclose())
 
     async def finish(self, turn: PreparedTurn) -> None:
-        """Release the turn lock (idempotent); safe under cancellation."""
+        """Close the upstream if still open, release the turn lock (idempotent); safe
+        under cancellation."""
+        if turn.opened is not None:
+            await self._close_upstream(turn)
         if turn.released:
             return
         turn.released = True
@@ -349,23 +434,27 @@ class ChatService:
 
     async def run(self, turn: PreparedTurn) -> AsyncIterator[dict[str, Any]]:
         """The turn as events: session, text deltas, [error], done (notes 1 and 2)."""
-        assert self.model_api is not None
         sid = turn.session_id
         usage: dict[str, Any] = {"input": 0, "output": 0, "cached": 0}
         turn_count: int | None = None
         stream: upstream.AsyncTextStream | None = None
-        request = self.model_api.request(turn.system, turn.messages)
         announced = False
         try:
-            with self.model_api.lease() as client:
-                async with upstream.astream(client, request) as stream:
-                    # Note 9: the request is on its way before the session event is written.
-                    announced = True
-                    yield {"session_id": sid}
-                    async for text in stream.text_stream:
-                        if text:
-                            yield {"text": text}
-                    reply = await stream.reply()
+            if turn.open_error is not None:
+                raise turn.open_error
+            if turn.opened is None:
+                await self._open(turn)
+            assert turn.opened is not None and turn.stream is not None
+            stream = turn.stream
+            async with turn.opened:
+                # Note 9: the request is on its way before the session event is written.
+                announced = True
+                yield {"session_id": sid}
+                async for text in stream.text_stream:
+                    if text:
+                        yield {"text": text}
+                reply = await stream.reply()
+            turn.opened = None
             estimate = int(turn.context.get("estimated_tokens") or 0)
             usage = _usage(reply, estimate)
             if not reply.text.strip():
