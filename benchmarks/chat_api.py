@@ -7,25 +7,31 @@ One run, one machine, one sim-engine upstream (``labkit local-api --engine sim``
 - **course**: the course's ``StreamingResponse`` with a hand-formatted ``data:``
   generator relaying ``AsyncAnthropic.messages.stream(...).text_stream`` (no
   sessions, no persistence, no pings), same upstream, same uvicorn;
+- **floor** (TTFT only): a bare ASGI app relaying ``labkit.upstream.astream`` (no
+  framework, no store): what any relay built on the SDK pays at least;
 - **direct** (TTFT only): calling the upstream's ``/v1/messages`` directly.
 
 Figures printed:
 
 1. *Added TTFT*: time to the first text delta through each server minus calling the
-   upstream directly, sequential requests interleaved round-robin (p50/p99).
-   Goal: labkit adds ≤ 2 ms at p50.
+   upstream directly, sequential requests interleaved round-robin (p50/p99); labkit
+   twice: a new session each turn, and later turns of one session (lock and history
+   read before the request). Goal: labkit adds ≤ 2 ms at p50.
 2. *Concurrency*: at 100, 300 and 1,000 concurrent streams with a 100 ms upstream
    ITL, per server: errors, text events per second, per-stream ITL (mean gap between
    text events at the client) with its inflation over the upstream's 100 ms, and TTFT
-   p50; then labkit/course ratios per level. Goals, labkit against the course server
+   p50. Each level runs ``--rounds`` times (default 3), the servers taking turns in an
+   order reversed each round; the table gives each server's median, and the per-round
+   labkit/course ratios follow the verdicts. Goals, labkit against the course server
    of the same run: 0 errors; TTFT p50 ≤ 1.1× at every level; ITL p99 inflation ≤ the
    course's + 2 ms; events/s ≥ the course's at the top level. ``--workers 1,2`` adds
    ``labkit serve --workers N`` rows on one Redis store (sessions and locks shared).
 
 The client load runs in a separate process (aiohttp), on loopback, bounded by the
-stream count. Servers run one at a time against the same upstream.
+stream count. Servers are loaded one at a time against the same upstream.
 
-Usage: ``python benchmarks/chat_api.py [--levels 100,300,1000] [--ttft-n 200] [--workers 1,2] [--quick]``
+Usage: ``python benchmarks/chat_api.py [--levels 100,300,1000] [--ttft-n 200]
+[--rounds 3] [--workers 1,2] [--quick]``
 
 (No ``from __future__ import annotations`` here: the course-style app declares its
 request model inside a function, and FastAPI must resolve the annotation at runtime.)
@@ -90,7 +96,49 @@ def course_app(base_url: str) -> Any:
     return app
 
 
-def run_course_server(base_url: str) -> None:
+def floor_app(base_url: str) -> Any:
+    """The floor of any relay built on the SDK: a bare ASGI app (no framework, no store)
+    that relays ``labkit.upstream.astream`` text as the course's ``data:`` events."""
+    import anthropic
+
+    from labkit import upstream
+
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key="sk-local", max_retries=0)
+    head = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"text/event-stream")],
+    }
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/health":
+            await send({**head, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        text = json.loads(body)["message"]
+        request = upstream.Request(MODEL, [{"role": "user", "content": text}], 2048)
+        async with upstream.astream(client, request) as stream:
+            await send(head)
+            async for delta in stream.text_stream:
+                event = f"data: {json.dumps({'text': delta})}\n\n".encode()
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b'data: {"done": true}\n\n'})
+
+    return app
+
+
+def run_script_server(kind: str, base_url: str) -> None:
     import uvicorn
 
     sock = socket.socket()
@@ -98,21 +146,23 @@ def run_course_server(base_url: str) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     print(f"labkit serve: listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(
-        course_app(base_url), access_log=False, log_level="warning", backlog=2048
-    )
+    app = course_app(base_url) if kind == "course" else floor_app(base_url)
+    config = uvicorn.Config(app, access_log=False, log_level="warning", backlog=2048)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-class CourseServer:
-    def __init__(self, base_url: str) -> None:
+class ScriptServer:
+    """The course-style server (or the floor relay) in its own process."""
+
+    def __init__(self, base_url: str, kind: str = "course") -> None:
         self.base_url = base_url
+        self.kind = kind
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
-    def __enter__(self) -> "CourseServer":
+    def __enter__(self) -> "ScriptServer":
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--course-server", self.base_url],
+            [sys.executable, __file__, "--script-server", self.kind, self.base_url],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -121,7 +171,8 @@ class CourseServer:
         self.url = line.rsplit(" ", 1)[1].strip()
         import httpx
 
-        for _ in range(200):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/health").status_code == 200:
                     break
@@ -156,6 +207,8 @@ async def _one_stream(session: Any, url: str, body: dict[str, Any]) -> dict[str,
                     data = json.loads(line[6:])
                     if "text" in data or data.get("type") == "content_block_delta":
                         times.append(now)
+                    elif "session_id" in data and "done" not in data:
+                        out["session_id"] = data["session_id"]
                     elif "error" in data:
                         out["error"] = str(data["error"])
                     elif data.get("done") or data.get("type") == "message_stop":
@@ -172,7 +225,9 @@ async def _one_stream(session: Any, url: str, body: dict[str, Any]) -> dict[str,
     return out
 
 
-def _target(kind: str, url: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+def _target(
+    kind: str, url: str, session: str = "new"
+) -> tuple[str, dict[str, Any], dict[str, str]]:
     if kind == "direct":
         body = {
             "model": MODEL,
@@ -182,22 +237,38 @@ def _target(kind: str, url: str) -> tuple[str, dict[str, Any], dict[str, str]]:
         }
         headers = {"x-api-key": "sk-local", "anthropic-version": "2023-06-01"}
         return url + "/v1/messages", body, headers
-    return url + "/chat/stream/new", {"message": "Hello"}, {}
+    return url + f"/chat/stream/{session}", {"message": "Hello"}, {}
+
+
+#: Turns per session for the "continuing" row (a new session after that many).
+SESSION_TURNS = 20
 
 
 async def client_ttft(targets: dict[str, str], n: int) -> dict[str, list[float]]:
+    """Sequential TTFT, the targets interleaved round-robin. A target named
+    ``<name>-continuing`` sends later turns of one session (a new one every
+    SESSION_TURNS turns; the turn that creates it is not counted)."""
     import aiohttp
 
     res: dict[str, list[float]] = {k: [] for k in targets}
+    sessions: dict[str, tuple[str, int]] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         for i in range(n + 5):
             for kind, base in targets.items():
-                url, body, headers = _target(kind, base)
+                continuing = kind.endswith("-continuing")
+                sid, turns = sessions.get(kind, ("new", 0))
+                if continuing and (sid == "new" or turns >= SESSION_TURNS):
+                    first = await _one_stream(s, *_target(kind, base)[:2])
+                    if first["error"]:
+                        raise RuntimeError(f"{kind}: {first['error']}")
+                    sid, turns = first["session_id"], 1
+                url, body, headers = _target(kind, base, sid if continuing else "new")
                 s.headers.clear()
                 s.headers.update(headers)
                 r = await _one_stream(s, url, body)
                 if r["error"]:
                     raise RuntimeError(f"{kind}: {r['error']}")
+                sessions[kind] = (sid, turns + 1)
                 if i >= 5 and r["ttft"] is not None:  # 5 warm-up rounds
                     res[kind].append(r["ttft"] * 1000)
     return res
@@ -312,6 +383,8 @@ def _goal(what: str, ok: bool, value: str) -> str:
 
 
 def main() -> None:
+    from tqdm import tqdm
+
     from labkit.localapi import LocalAPIServer
     from labkit.results import quick
 
@@ -325,10 +398,17 @@ def main() -> None:
         help="also run `labkit serve --workers N` for each N listed (e.g. 1,2), all on one "
         "Redis store (LABKIT_REDIS_URL, else a throwaway Valkey)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs per server at each level, the servers taking turns; the table gives the "
+        "median (one noisy burst does not decide a goal)",
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick or quick():
-        args.ttft_n, args.levels, args.reply_tokens = 30, "100,300", 10
+        args.ttft_n, args.levels, args.reply_tokens, args.rounds = 30, "100,300", 10, 1
     levels = [int(x) for x in args.levels.split(",")]
     workers = [int(x) for x in args.workers.split(",") if x.strip()]
     tmp = tempfile.mkdtemp(prefix="labkit-bench-")
@@ -341,38 +421,45 @@ def main() -> None:
     with (
         LocalAPIServer(engine="sim", ttft_ms=20, itl_ms=5, reply_tokens=5, seed=1) as api,
         _labkit_server(api.base_url, f"sqlite:///{tmp}/ttft.db", 1) as lab,
-        CourseServer(api.base_url) as course,
+        ScriptServer(api.base_url, "course") as course,
+        ScriptServer(api.base_url, "floor") as floor,
     ):
-        res = in_client_process(
-            {
-                "mode": "ttft",
-                "n": args.ttft_n,
-                "targets": {"direct": api.base_url, "course": course.url, "labkit": lab.url},
-            }
-        )
+        targets = {
+            "direct": api.base_url,
+            "floor": floor.url,
+            "course": course.url,
+            "labkit": lab.url,
+            "labkit-continuing": lab.url,
+        }
+        res = in_client_process({"mode": "ttft", "n": args.ttft_n, "targets": targets})
     d50, d99 = _pct(res["direct"], 50), _pct(res["direct"], 99)
     print(
-        f"\n1. TTFT added over calling the upstream directly (sim TTFT 20 ms, n={args.ttft_n} each, interleaved)"
+        f"\n1. TTFT added over calling the upstream directly (sim TTFT 20 ms, n={args.ttft_n} "
+        "each, interleaved)\n   floor: a bare ASGI relay through the SDK (no framework, no "
+        f"store); labkit: a new session each turn; labkit-continuing: turns 2-{SESSION_TURNS} "
+        "of a session"
     )
-    print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>12}{'added p99':>12}")
-    for kind in ("direct", "course", "labkit"):
+    print(f"{'':18}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>12}{'added p99':>12}")
+    for kind in targets:
         p50, p99 = _pct(res[kind], 50), _pct(res[kind], 99)
         extra = f"{p50 - d50:>12.2f}{p99 - d99:>12.2f}" if kind != "direct" else ""
-        print(f"{kind:10}{p50:>10.2f}{p99:>10.2f}{extra}")
+        print(f"{kind:18}{p50:>10.2f}{p99:>10.2f}{extra}")
     added = _pct(res["labkit"], 50) - d50
     print(_goal("goal: labkit added TTFT p50 <= 2 ms", added <= 2, f"{added:.2f} ms"))
 
     # 2. Concurrency ---------------------------------------------------------------
     print(
         f"\n2. Concurrent streams, upstream ITL {UPSTREAM_ITL_MS:.0f} ms, {args.reply_tokens} tokens "
-        "a reply, each stream a new session"
+        f"a reply, each stream a new session; {args.rounds} rounds per level, the servers "
+        "taking turns (order reversed each round); the table gives each server's median"
         + ("; labkit-redis-wN: --workers N on one Redis store" if workers else "")
     )
-    print(
+    header = (
         f"{'streams':>8} {'server':16}{'errors':>7}{'events/s':>10}{'ITL p50':>9}{'ITL p99':>9}"
         f"{'infl p50':>10}{'infl p99':>10}{'TTFT p50':>10}"
     )
     verdicts: list[str] = []
+    table: list[str] = []
     with contextlib.ExitStack() as stack:
         api = stack.enter_context(
             LocalAPIServer(
@@ -390,43 +477,72 @@ def main() -> None:
                 from labkit.services import throwaway_server
 
                 redis_url = stack.enter_context(throwaway_server())
+        progress = tqdm(
+            total=len(levels) * args.rounds * (2 + len(workers)), desc="load runs", unit="run"
+        )
         for n in levels:
-            row: dict[str, dict[str, Any]] = {}
-            servers: list[tuple[str, Any]] = [
-                ("course", lambda: CourseServer(api.base_url)),
-                (
-                    "labkit",
-                    lambda n=n: _labkit_server(api.base_url, f"sqlite:///{tmp}/load-{n}.db", 1),
-                ),
-            ]
-            for w in workers:
-                servers.append(
-                    (f"labkit-redis-w{w}", lambda w=w: _labkit_server(api.base_url, redis_url, w))
-                )
-            for name, make in servers:
-                _settle(api)
-                kind = "course" if name == "course" else "labkit"
-                with make() as srv:
-                    r = in_client_process(
-                        {"mode": "load", "kind": kind, "url": srv.url, "concurrency": n}
-                    )
-                row[name] = r
-                print(_row(n, name, r), flush=True)
+            with contextlib.ExitStack() as servers:
+                urls = {
+                    "course": servers.enter_context(ScriptServer(api.base_url, "course")).url,
+                    "labkit": servers.enter_context(
+                        _labkit_server(api.base_url, f"sqlite:///{tmp}/load-{n}.db", 1)
+                    ).url,
+                }
+                for w in workers:
+                    urls[f"labkit-redis-w{w}"] = servers.enter_context(
+                        _labkit_server(api.base_url, redis_url, w)
+                    ).url
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+                for r in range(args.rounds):
+                    for name in list(urls)[:: 1 if r % 2 == 0 else -1]:
+                        _settle(api)
+                        kind = "course" if name == "course" else "labkit"
+                        spec = {"mode": "load", "kind": kind, "url": urls[name], "concurrency": n}
+                        runs[name].append(in_client_process(spec))
+                        progress.update()
+            row = {name: _median_run(rs) for name, rs in runs.items()}
+            table += [_row(n, name, r) for name, r in row.items()]
             verdicts += _verdicts(n, row["labkit"], row["course"], top=n == max(levels))
+            verdicts.append("  per round, labkit/course: " + _per_round(runs))
             for w in workers:
                 r = row[f"labkit-redis-w{w}"]
                 verdicts.append(
                     f"  --workers {w} (Redis): events/s {r['events_per_s'] / row['course']['events_per_s']:.2f}x "
                     f"course, TTFT p50 {r['ttft_p50'] / row['course']['ttft_p50']:.2f}x, errors {r['errors']}"
                 )
+        progress.close()
+    print(header)
+    print("\n".join(table))
     print()
     print("\n".join(verdicts))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds at one level: the median of each figure, errors summed."""
+    import statistics
+
+    out = {k: statistics.median(r[k] for r in runs) for k in _FIGURES}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["error_kinds"] = sorted({k for r in runs for k in r["error_kinds"]})[:3]
+    return out
+
+
+_FIGURES = ("events_per_s", "itl_p50", "itl_p99", "ttft_p50")
+
+
+def _per_round(runs: dict[str, list[dict[str, Any]]]) -> str:
+    return "; ".join(
+        f"events/s {lab['events_per_s'] / cou['events_per_s']:.2f}x, "
+        f"TTFT {lab['ttft_p50'] / cou['ttft_p50']:.2f}x, "
+        f"ITL p99 {lab['itl_p99'] - cou['itl_p99']:+.1f} ms"
+        for lab, cou in zip(runs["labkit"], runs["course"], strict=True)
+    )
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--course-server":
-        run_course_server(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "--script-server":
+        run_script_server(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 2 and sys.argv[1] == "--client":
         print(json.dumps(run_client(json.loads(sys.argv[2]))))
     else:

@@ -67,16 +67,21 @@ Notes (deliberate choices):
 10. **A new session's upstream request goes out before the store is touched.** A new
     session has no history, so what is sent upstream is known from the request alone:
     ``prepare`` sends it and waits for the answer's head, and only then creates the
-    session and takes its lock, while the model works on the first token. The store's
-    two writes (~0.4 ms with SQLite) and the response's setup leave the path to the first
-    token (sequential added TTFT in ``benchmarks/chat_api.py``: 3.6–3.7 → 2.6–3.0 ms,
-    the course's server 3.0–3.6 in the same runs). If the store then refuses, the open
+    session and takes its lock, while the model works on the first token. This is for
+    the stores that run inline (SQLite, note 7); a store on the store thread (Redis)
+    still creates and locks first: its hop queued behind an event loop busy with the
+    streams already opened (tried: at 300 streams the first tokens waited ~2 s for their
+    sessions and then arrived in a burst, ITL p50 33–51 ms). The store's two writes
+    (~0.4 ms with SQLite) and the response's setup leave the path to the first token
+    (sequential added TTFT in ``benchmarks/chat_api.py``: 3.6–3.7 → 2.6–3.0 ms, the
+    course's server 3.0–3.6 in the same runs). If the store then refuses, the open
     upstream response is closed (the model stops) and the client gets the store's error;
     an upstream refusal is kept and told in the stream after the session event, as
     before. A client that leaves while the head is awaited is noticed when it arrives
     (the response's disconnect watch starts then) and its upstream response is closed.
-    An existing session is locked, then its history read under the lock, then sent: its context depends on the history, and a turn finishing in another process
-    must not slip in between the read and the lock.
+    An existing session is locked, then its history read under the lock, then sent: its
+    context depends on the history, and a turn finishing in another process must not
+    slip in between the read and the lock.
 """
 
 from __future__ import annotations
@@ -365,16 +370,9 @@ class ChatService:
                 new_session_id(), True, system, req.message, messages, context, _no_lock
             )
             try:
-                await self._open(turn)
-            except UpstreamError as exc:
-                turn.open_error = exc  # reported in the stream, after the session event
-            try:
-                await self._io(self._create_sync, turn)
-            except BaseException as exc:
-                await self._close_upstream(turn)
-                if isinstance(exc, LabkitError):
-                    raise http_error(exc) from None
-                raise
+                await self._open_and_create(turn)
+            except LabkitError as exc:
+                raise http_error(exc) from None
             self._busy.add(turn.session_id)
             return turn
         if session_id in self._busy:
@@ -389,6 +387,26 @@ class ChatService:
             raise http_error(exc) from None
         except BaseException:
             self._busy.discard(session_id)
+            raise
+
+    async def _open_and_create(self, turn: PreparedTurn) -> None:
+        """A new session (note 10): create and lock it, and send its upstream request;
+        with an inline store (SQLite) the request goes first. Raises LabkitError from the
+        store (an upstream response already open is then closed); an upstream refusal is
+        kept on the turn, to be told in its stream."""
+        if not self._inline:
+            await self._io(self._create_sync, turn)
+        try:
+            try:
+                await self._open(turn)
+            except UpstreamError as exc:
+                turn.open_error = exc
+            if self._inline:
+                self._create_sync(turn)
+        except BaseException:
+            await self._close_upstream(turn)
+            if not self._inline:
+                await self.finish(turn)
             raise
 
     async def _open(self, turn: PreparedTurn) -> None:
