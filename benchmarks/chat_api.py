@@ -482,16 +482,17 @@ def main() -> None:
         )
         for n in levels:
             with contextlib.ExitStack() as servers:
-                urls = {
-                    "course": servers.enter_context(ScriptServer(api.base_url, "course")).url,
+                procs: dict[str, Any] = {
+                    "course": servers.enter_context(ScriptServer(api.base_url, "course")),
                     "labkit": servers.enter_context(
                         _labkit_server(api.base_url, f"sqlite:///{tmp}/load-{n}.db", 1)
-                    ).url,
+                    ),
                 }
                 for w in workers:
-                    urls[f"labkit-redis-w{w}"] = servers.enter_context(
+                    procs[f"labkit-redis-w{w}"] = servers.enter_context(
                         _labkit_server(api.base_url, redis_url, w)
-                    ).url
+                    )
+                urls = {name: proc.url for name, proc in procs.items()}
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
                 for r in range(args.rounds):
                     for name in list(urls)[:: 1 if r % 2 == 0 else -1]:
@@ -500,6 +501,9 @@ def main() -> None:
                         spec = {"mode": "load", "kind": kind, "url": urls[name], "concurrency": n}
                         runs[name].append(in_client_process(spec))
                         progress.update()
+                for name, proc in procs.items():
+                    if any(r["errors"] for r in runs[name]) and hasattr(proc, "log_text"):
+                        verdicts += _upstream_failures(n, name, proc.log_text())
             row = {name: _median_run(rs) for name, rs in runs.items()}
             table += [_row(n, name, r) for name, r in row.items()]
             verdicts += _verdicts(n, row["labkit"], row["course"], top=n == max(levels))
@@ -516,6 +520,12 @@ def main() -> None:
     print()
     print("\n".join(verdicts))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+def _upstream_failures(n: int, name: str, log: str) -> list[str]:
+    """What a server logged about its failed turns (the first three distinct reasons)."""
+    reasons = sorted({line.split(": ", 1)[-1] for line in log.splitlines() if "failed" in line})
+    return [f"  {name} at {n} streams logged: {reason[:200]}" for reason in reasons[:3]]
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
