@@ -524,7 +524,13 @@ def main() -> None:
 
 def _upstream_failures(n: int, name: str, log: str) -> list[str]:
     """What a server logged about its failed turns (the first three distinct reasons)."""
-    reasons = sorted({line.split(": ", 1)[-1] for line in log.splitlines() if "failed" in line})
+    reasons = sorted(
+        {
+            line.split("failed on session ", 1)[1].split(": ", 1)[-1]
+            for line in log.splitlines()
+            if "failed on session " in line
+        }
+    )
     return [f"  {name} at {n} streams logged: {reason[:200]}" for reason in reasons[:3]]
 
 

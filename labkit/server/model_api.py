@@ -25,6 +25,14 @@ Notes:
    (the first on a tie): the same connections in all, a walk 1/k as long under load,
    and the one warm pool when requests come one at a time (round-robin over cold pools
    added 7 ms to a sequential turn's TTFT, measured).
+3. **Idle connections are dropped after 4 s**, before the usual upstream's 5 s (uvicorn's
+   default, so ``llama_cpp.server``'s): with equal timers the server's close can cross
+   the client's reuse, and the request fails with a connection reset before the server
+   reads it. It narrows the window without closing it (a saturated event loop releases
+   a connection late: 2 workers relaying 1,000 streams with retries off still lost a
+   turn now and then), so the server's retries (``max_retries``, default 2) stay on,
+   and labkit's own local API keeps idle connections 75 s
+   (:mod:`labkit.localapi.server` note 4).
 """
 
 from __future__ import annotations
@@ -37,10 +45,12 @@ from typing import Any
 from .. import upstream
 from .settings import Settings
 
-__all__ = ["POOL_CONNECTIONS", "ModelAPI"]
+__all__ = ["KEEPALIVE_EXPIRY", "POOL_CONNECTIONS", "ModelAPI"]
 
 #: Connections per upstream HTTP pool (note 2).
 POOL_CONNECTIONS = 128
+#: Seconds an idle upstream connection is kept for reuse (note 3).
+KEEPALIVE_EXPIRY = 4.0
 
 
 def _sdk_httpx() -> Any:
@@ -100,7 +110,11 @@ class ModelAPI:
     def _build(self, connections: int, keepalive: int) -> Any:
         httpx = _sdk_httpx()
         s = self.settings
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive)
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=keepalive,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
         timeout = httpx.Timeout(s.upstream_timeout, connect=5.0)
         if self.provider == "openai":
             import openai
