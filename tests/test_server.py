@@ -519,3 +519,39 @@ def test_a_turn_is_durable_once_done_says_stored_even_under_kill_9(
     with ChatClient(server.url) as c:
         hist = c.history(done["session_id"])
     assert hist["turn_count"] == 1 and hist["messages"][0]["content"] == "keep me"
+
+
+def test_the_served_process_freezes_what_start_up_left_and_collects_less_often():
+    """runner note 7: once uvicorn has started, everything alive is moved out of the
+    collector's reach and the thresholds are raised, in the process that serves."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, json, socket, threading, time, httpx, uvicorn
+from labkit.server.runner import _uvicorn_server
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive(); await send({"type": "lifespan.startup.complete"})
+        await receive(); await send({"type": "lifespan.shutdown.complete"}); return
+    body = json.dumps({"frozen": gc.get_freeze_count(), "thresholds": gc.get_threshold()})
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body.encode()})
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen()
+server = _uvicorn_server(uvicorn.Config(app, log_level="warning"))
+threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    try:
+        print(httpx.get(url).text); break
+    except httpx.HTTPError:
+        time.sleep(0.02)
+server.should_exit = True
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    from labkit.server.runner import GC_THRESHOLDS
+
+    assert seen["frozen"] > 10_000 and tuple(seen["thresholds"]) == GC_THRESHOLDS

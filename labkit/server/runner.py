@@ -28,6 +28,18 @@ Notes:
    sessions and the turn locks (a lock is a row in SQLite, a key in Redis), so a session
    may move from worker to worker between turns. The local provider needs ``--base-url``
    with workers: each worker would otherwise load its own model.
+7. **The garbage collector is tuned once the server has started.** Relaying 1,000
+   streams, CPython's default thresholds ran a full (oldest-generation) collection every
+   couple of seconds, each walking the ~250,000 objects of the imported libraries: 12 in
+   two bursts, 241 ms each at the median and 294 ms at most, every stream frozen
+   meanwhile (a 240 ms stop in a 20-event stream adds 12 ms to its mean gap: the ITL p99
+   line of ``benchmarks/chat_api.py``). After start-up the server collects once, then
+   ``gc.freeze()`` moves every object alive into a generation the collector never walks
+   (they live as long as the process anyway; after a fork, the workers' pages stay
+   shared), and the thresholds become ``GC_THRESHOLDS``: measured the same way, full
+   collections 12 → 4, GC time 3.9 s → 1.1 s, events/s 1,890 → 2,230, ITL p99 119 → 109
+   ms. Garbage without cycles is freed by reference counting as before; cycles wait for
+   the larger young-generation threshold (20,000 allocations instead of 700).
 """
 
 from __future__ import annotations
@@ -90,7 +102,7 @@ def serve(
             timeout_graceful_shutdown=3,
             **uvicorn_options(settings),
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        _uvicorn_server(config).run(sockets=[sock])
 
     watched = int(os.environ[WATCH_ENV]) if os.environ.get(WATCH_ENV, "").isdigit() else None
     if workers == 1:
@@ -100,6 +112,33 @@ def serve(
         run(socks[0])
         return
     _supervise(socks, run, ready=f"{READY_PREFIX}http://{host}:{actual}", watched=watched)
+
+
+#: Allocations between young-generation collections, and the two older generations'
+#: thresholds (note 7; CPython's defaults are 700, 10, 10).
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def _tune_gc() -> None:
+    """Move everything alive after start-up out of the collector's reach, and collect
+    less often (note 7)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _uvicorn_server(config: Any) -> Any:
+    """uvicorn's ``Server``, tuning the garbage collector once started (note 7)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            _tune_gc()
+
+    return Server(config)
 
 
 def _listen(host: str, port: int, count: int) -> list[socket.socket]:
