@@ -119,19 +119,24 @@ def test_llama_echoes_cache_on_and_off(llama_api):
 def test_an_idle_connection_outlives_the_clients_keep_alive_expiry(sim_api):
     """The local API keeps an idle connection longer than httpx and the SDKs keep it
     (5 s), so a client's reuse never meets the server's close (localapi.server note 4)."""
+    import http.client
     import select
-    import socket
     import time
     from urllib.parse import urlsplit
 
     url = urlsplit(sim_api.base_url)
-    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
-        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        # Watch the idle socket until past httpx's 5 s expiry: readable = closed by the server.
-        deadline = time.monotonic() + 6.5
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([sock], [], [], left)
-            assert not readable or sock.recv(1, socket.MSG_PEEK), "the server closed it"
-        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+    conn.request("GET", "/health")
+    first = conn.getresponse()
+    assert first.status == 200 and first.read()
+    sock = conn.sock
+    # The response was read whole, so the idle socket turns readable only when the
+    # server closes it. Watch it until past httpx's 5 s expiry.
+    deadline = time.monotonic() + 6.5
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        assert not readable, "the server closed the idle connection"
+    conn.request("GET", "/health")
+    again = conn.getresponse()
+    assert conn.sock is sock and again.status == 200
+    conn.close()
