@@ -404,9 +404,7 @@ class ChatService:
             if self._inline:
                 self._create_sync(turn)
         except BaseException:
-            await self._close_upstream(turn)
-            if not self._inline:
-                await self.finish(turn)
+            await self.finish(turn)  # closes an open upstream response, releases a lock
             raise
 
     async def _open(self, turn: PreparedTurn) -> None:
