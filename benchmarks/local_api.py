@@ -10,6 +10,7 @@
    Anthropic SDK, alternating between the two servers so that load on the shared
    machine hits both. Fair by construction: the same threads (the local API's
    defaults, 1 decode / 2 prompt on 2 cores, passed to llama-server as ``-t``/``-tb``),
+   flash attention on both (each one's default: llama.cpp's ``auto`` enables it on CPU),
    the same prompt tokens (an explicit system prompt, so llama-server's template adds
    no default one; the token counts are checked), greedy decoding, and the same
    prompt-cache state (each server's default, on: a repeated prompt re-evaluates one
@@ -42,7 +43,7 @@ import openai
 from labkit.errors import ConfigurationError
 from labkit.localapi import MODEL_ID, LocalAPIServer
 from labkit.localapi.engine import ChatMessage, render_chatml
-from labkit.localapi.llama import available_cores, default_threads, model_path
+from labkit.localapi.llama import available_cores, default_threads, llama_params, model_path
 from labkit.services import ThrowawayLlamaServer, llama_server_binary
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -354,13 +355,7 @@ def in_process_section(args: argparse.Namespace) -> None:
         f"{load()}; model {model_path().name}; "
         f"{args.trials} trials x {args.max_tokens} tokens; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
-    llm = Llama(
-        model_path=str(model_path()),
-        n_ctx=8192,
-        n_threads=decode,
-        n_threads_batch=batch,
-        verbose=False,
-    )
+    llm = Llama(**llama_params(n_threads=args.threads))  # loaded as the engine loads it
     tokens = llm.tokenize(
         render_chatml("", [ChatMessage("user", PROMPT)]).encode(), add_bos=True, special=True
     )

@@ -109,7 +109,7 @@ def test_help_explains_every_flag_the_same_for_labkit_and_python_m():
             [sys.executable, "-m", "labkit.localapi", "--help"],
         )
     ]
-    flags = ["--engine", "--host", "--port", "--no-cache", "--n-threads"]
+    flags = ["--engine", "--host", "--port", "--no-cache", "--n-threads", "--flash-attn"]
     flags += ["--" + f.name.replace("_", "-") for f in fields(SimOptions)]
     for text in helps:
         for flag in flags:
@@ -125,6 +125,8 @@ def test_local_api_server_options_become_the_flags_that_give_them_back():
     for engine, opts in (
         ("sim", {"ttft_ms": 5.0, "reply_tokens": 3, "fail_before": "rate_limit_error"}),
         ("llama", {"cache": False, "n_threads": 2}),
+        ("llama", {"flash_attn": False}),
+        ("llama", {"flash_attn": True}),
     ):
         args = build_parser().parse_args(option_args(engine, opts))
         assert options_from_args(args) == (engine, opts)

@@ -104,6 +104,13 @@ def build_parser(prog: str = "python -m labkit.localapi") -> argparse.ArgumentPa
         default=None,
         help="Threads (default: all cores to read the prompt, one fewer to decode).",
     )
+    llama.add_argument(
+        "--flash-attn",
+        choices=("on", "off"),
+        default=None,
+        help="Flash attention (default on, as llama-server's: faster on short contexts, "
+        "slower past a few hundred tokens).",
+    )
     sim = parser.add_argument_group("sim engine")
     for f in fields(SimOptions):
         default = f.default if f.default is not MISSING else None
@@ -130,6 +137,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     given: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(SimOptions)}
     given["cache"] = False if args.no_cache else None
     given["n_threads"] = args.n_threads
+    given["flash_attn"] = None if args.flash_attn is None else args.flash_attn == "on"
     opts = {k: v for k, v in given.items() if v is not None}
     check_options(engine, opts, spell=_flag)
     return engine, opts
@@ -145,7 +153,7 @@ def option_args(engine: str, opts: dict[str, Any]) -> list[str]:
             if not value:
                 out.append("--no-cache")
             continue
-        out += [_flag(key), str(value)]
+        out += [_flag(key), ("on" if value else "off") if isinstance(value, bool) else str(value)]
     return out
 
 
