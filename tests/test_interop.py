@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -248,22 +249,28 @@ def test_ttft_on_llama_cpp_server_says_cache_unknown_and_estimates_tokens(peer, 
     )
 
 
-@pytest.mark.slow
-@pytest.mark.llama
-def test_chat_on_llama_cpp_server_stores_a_labelled_estimate(peer, tmp_path):
+def _one_chat_turn(url: str, provider: str, base_url: str, env: dict[str, str]) -> tuple[Any, Any]:
+    """``labkit chat`` says hello once to ``base_url`` and stores in ``url``: (session, turn)."""
     from labkit.store import open_store
 
-    url = f"sqlite:///{tmp_path}/chat.db"
-    cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "openai",
-           "--base-url", peer, "--model", PEER_MODEL, "--max-tokens", "16"]  # fmt: skip
+    cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", provider,
+           "--base-url", base_url, "--model", PEER_MODEL, "--max-tokens", "16"]  # fmt: skip
     done = subprocess.run(
-        cmd, input="Say hello.\n", capture_output=True, text=True, timeout=600, env=_env()
+        cmd, input="Say hello.\n", capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr
     with open_store(url) as store:
         (session,) = store.list_sessions()
         (turn,) = store.load_turns(session.id)
     assert turn.assistant.strip()
+    return session, turn
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_chat_on_llama_cpp_server_stores_a_labelled_estimate(peer, tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.db"
+    session, turn = _one_chat_turn(url, "openai", peer, _env())
     assert turn.meta["usage_source"] == "tiktoken_estimate"
     assert turn.input_tokens > 0 and turn.output_tokens > 0
     show = subprocess.run(
@@ -390,19 +397,8 @@ def test_ttft_on_llama_server_warns_about_the_broken_stream(llama_server, tmp_pa
 @pytest.mark.slow
 @pytest.mark.llama
 def test_chat_on_llama_server_stores_the_servers_usage(llama_server, tmp_path):
-    from labkit.store import open_store
-
     url = f"sqlite:///{tmp_path}/chat.db"
-    cmd = [sys.executable, "-m", "labkit.cli", "chat", "--store", url, "--provider", "anthropic",
-           "--base-url", llama_server.base_url, "--model", PEER_MODEL, "--max-tokens", "16"]  # fmt: skip
-    done = subprocess.run(
-        cmd, input="Say hello.\n", capture_output=True, text=True, timeout=600, env=_anthropic_env()
-    )
-    assert done.returncode == 0, done.stderr
-    with open_store(url) as store:
-        (session,) = store.list_sessions()
-        (turn,) = store.load_turns(session.id)
-    assert turn.assistant.strip()
+    _, turn = _one_chat_turn(url, "anthropic", llama_server.base_url, _anthropic_env())
     assert turn.meta["usage_source"] == "server_usage"
     assert turn.input_tokens > 0 and turn.output_tokens > 0
 
