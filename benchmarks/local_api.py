@@ -43,7 +43,7 @@ import openai
 from labkit.errors import ConfigurationError
 from labkit.localapi import MODEL_ID, LocalAPIServer
 from labkit.localapi.engine import ChatMessage, render_chatml
-from labkit.localapi.llama import available_cores, default_threads, llama_params, model_path
+from labkit.localapi.llama import available_cores, llama_params, model_path
 from labkit.services import ThrowawayLlamaServer, llama_server_binary
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -165,7 +165,8 @@ def peer_section(args: argparse.Namespace) -> None:
     except ConfigurationError as exc:
         print(f"\n## local API vs llama-server: SKIPPED ({exc.message} {exc.hint})")
         return
-    decode, batch = (args.threads, args.threads) if args.threads else default_threads()
+    params = llama_params(n_threads=args.threads)  # the local API's model settings
+    decode, batch = params["n_threads"], params["n_threads_batch"]
     cache = not args.cold
     print(
         f"\n## local API vs llama-server, streamed through the Anthropic SDK "
@@ -175,7 +176,8 @@ def peer_section(args: argparse.Namespace) -> None:
     state = "on (both servers' default)" if cache else "off on both (--cold)"
     print(
         f"both servers: {decode} decode / {batch} prompt threads (llama-server -t {decode} -tb {batch}), "
-        f"same GGUF, same prompt tokens, prompt cache {state}"
+        f"same GGUF, same prompt tokens, prompt cache {state}, flash attention "
+        f"{'on' if params['flash_attn'] else 'off'} (llama-server: -fa auto, on for CPU)"
     )
     api_cpu, peer_cpu, res_api, res_peer = [], [], [], []
     with (
@@ -349,13 +351,14 @@ def main() -> None:
 def in_process_section(args: argparse.Namespace) -> None:
     from llama_cpp import Llama
 
-    decode, batch = (args.threads, args.threads) if args.threads else default_threads()
+    params = llama_params(n_threads=args.threads)  # the model loaded as the engine loads it
+    decode, batch = params["n_threads"], params["n_threads_batch"]
     print(
         f"# machine: {available_cores()} cores available, llama threads {decode} decode / {batch} prompt, "
         f"{load()}; model {model_path().name}; "
         f"{args.trials} trials x {args.max_tokens} tokens; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
-    llm = Llama(**llama_params(n_threads=args.threads))  # loaded as the engine loads it
+    llm = Llama(**params)
     tokens = llm.tokenize(
         render_chatml("", [ChatMessage("user", PROMPT)]).encode(), add_bos=True, special=True
     )
