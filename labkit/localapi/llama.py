@@ -64,7 +64,7 @@ Notes on deliberate choices:
     turns it on for the CPU backend); llama-cpp-python's ``Llama`` has it off unless asked.
     On SmolLM2 on 2 vCPUs (llama.cpp's ``llama-bench`` and a bare ctypes decoding loop
     agree) it reads a 40-token prompt ~1.4× as fast and decodes ~1.1× as fast from a short
-    context, breaks even near 300 tokens of context and decodes ~7% slower at 1,000.
+    context, breaks even near 300 tokens of context and decodes 7–10% slower at 1,000.
     Conversations in the labs are short, so the default follows llama-server;
     ``--flash-attn off`` (``flash_attn=False``) is there for long ones.
 """
