@@ -94,6 +94,22 @@ def test_no_cache_flag_turns_prefix_caching_off_for_every_request():
     assert not usages[1].cache_read_input_tokens
 
 
+@pytest.mark.llama
+def test_flash_attention_is_on_by_default_and_the_flag_turns_it_off():
+    import llama_cpp
+
+    from labkit.localapi.engine import make_engine
+    from labkit.localapi.options import build_parser, options_from_args
+
+    for flags, wanted in (
+        ([], llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        (["--flash-attn", "off"], llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),
+    ):
+        engine, opts = options_from_args(build_parser().parse_args(["--engine", "llama", *flags]))
+        llm = make_engine(engine, **opts).llm
+        assert llm.context_params.flash_attn_type == wanted, flags
+
+
 # ── the flags, defined once (labkit.localapi.options) ─────────────────────────
 
 
