@@ -404,7 +404,7 @@ def translate(exc: BaseException) -> UpstreamError:
             status=504,
         )
     cause = exc.__cause__ or exc.__context__
-    why = f" ({type(cause).__name__}: {cause or 'no detail'})" if cause is not None else ""
+    why = f" ({type(cause).__name__}: {str(cause) or 'no detail'})" if cause is not None else ""
     return UpstreamError(
         f"The connection to the model API failed: {exc or type(exc).__name__}{why}",
         hint="Resend the message; if it keeps failing, check that the model API is running.",

@@ -175,6 +175,16 @@ def test_transport_errors_and_timeouts_are_upstream_errors_with_hints():
     assert conn.kind == "connection_error" and "running" in conn.hint
 
 
+def test_a_connection_error_names_its_cause_even_when_the_cause_says_nothing():
+    request = httpx.Request("POST", "http://x")
+    for cause, told in ((httpx.ReadError(""), "(ReadError: no detail)"),
+                        (httpx.ConnectError("refused"), "(ConnectError: refused)")):  # fmt: skip
+        try:
+            raise anthropic.APIConnectionError(request=request) from cause
+        except anthropic.APIConnectionError as exc:
+            assert told in upstream.translate(exc).message
+
+
 def test_sdk_errors_cover_both_sdks_and_the_transport():
     errors = upstream.sdk_errors()
     assert anthropic.APIError in errors and openai.APIError in errors
