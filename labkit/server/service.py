@@ -422,20 +422,14 @@ class ChatService:
             raise
         turn.opened = stack
 
-    @staticmethod
-    async def _close_upstream(turn: PreparedTurn) -> None:
-        """Close a turn's upstream response if it is open (idempotent; runs even in a
-        cancelled task: closing is what stops the upstream generating)."""
+    async def finish(self, turn: PreparedTurn) -> None:
+        """Close the upstream response if still open, release the turn lock (idempotent);
+        safe under cancellation: closing is what stops the upstream generating, so it runs
+        even in a cancelled task."""
         stack, turn.opened = turn.opened, None
         if stack is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(stack.aclose())
-
-    async def finish(self, turn: PreparedTurn) -> None:
-        """Close the upstream if still open, release the turn lock (idempotent); safe
-        under cancellation."""
-        if turn.opened is not None:
-            await self._close_upstream(turn)
         if turn.released:
             return
         turn.released = True
